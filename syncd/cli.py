@@ -1,0 +1,175 @@
+"""The `syncd` command: parse arguments, read settings, hand off, print, exit.
+
+Exit codes: 0 done; 1 work left failing; 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from syncd import __version__, db, plan, report, segments
+from syncd.config import Settings
+from syncd.errors import ConfigError, MigrationError, SyncdError, UsageError
+from syncd.logging import configure_logging
+from syncd.run import sync_once
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="syncd",
+        description="Keep Criteo contact-list audience segments in step with CRM membership "
+        "in PostgreSQL. Settings come from environment variables (see .env.example).",
+    )
+    p.add_argument("--version", action="version", version=f"syncd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("migrate", help="create or upgrade the syncd schema")
+    sub.add_parser("sync", help="plan and push every waiting change now (one run)")
+    sub.add_parser("plan", help="show what a sync would send; sends and consumes nothing")
+    st = sub.add_parser("status", help="recent runs, open chunks, waiting changes")
+    st.add_argument("--runs", type=int, default=5, help="how many recent runs to show")
+
+    seg = sub.add_parser("segments", help="link CRM segment keys to Criteo segments")
+    seg_sub = seg.add_subparsers(dest="segments_command", required=True, metavar="ACTION")
+    ln = seg_sub.add_parser("link", help="link (or re-point) a segment key")
+    ln.add_argument("key", help="the CRM's segment_key in syncd.membership_changes")
+    ln.add_argument("--segment-id", required=True, help="Criteo's audience segment id")
+    ln.add_argument("--identifier-type", required=True, help="email, phoneNumber, madid, ...")
+    ln.add_argument("--api", default="retail-media", help="retail-media or marketing-solutions")
+    ln.add_argument("--account-id", help="Criteo account (Retail Media) or advertiser id")
+    ln.add_argument("--gum-caller-id", type=int, help="required for identifier type gum")
+    ln.add_argument(
+        "--send-as",
+        default="sha256",
+        help="sha256 (default: emails and phones hashed) or plain (sent normalised, unhashed)",
+    )
+    seg_sub.add_parser("list", help="list the links")
+    un = seg_sub.add_parser("unlink", help="remove a link")
+    un.add_argument("key")
+    un.add_argument("--force", action="store_true", help="also drop chunks not yet sent")
+
+    sb = sub.add_parser("sandbox", help="serve a Criteo-compatible API on loopback")
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8181)
+    sb.add_argument("--latency-ms", type=float, default=0.0)
+    sb.add_argument("--fault-rate-5xx", type=float, default=0.0)
+    sb.add_argument("--fault-rate-429", type=float, default=0.0)
+    sb.add_argument("--fault-rate-drop", type=float, default=0.0)
+    sb.add_argument("--token-ttl-s", type=int, default=900)
+
+    dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
+    dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, UsageError, MigrationError) as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    except SyncdError as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug or an outage: one line for people, the details in the log
+        logging.getLogger("syncd").exception("unexpected_error")
+        print(f"syncd: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "sandbox":
+        configure_logging("info", "json")
+        from syncd.sandbox import SandboxConfig, run_sandbox
+
+        config = SandboxConfig(
+            latency_ms=args.latency_ms,
+            fault_rate_5xx=args.fault_rate_5xx,
+            fault_rate_429=args.fault_rate_429,
+            fault_rate_drop=args.fault_rate_drop,
+            token_ttl_s=args.token_ttl_s,
+        )
+        run_sandbox(config, args.host, args.port)
+        return 0
+    if args.command == "demo":
+        configure_logging("warning", "console")
+        from syncd.demo import run_demo
+
+        return run_demo(args.changes)
+
+    settings = Settings.from_env(need_criteo=args.command == "sync")
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "sync":
+        return _run_with_signals(lambda stop: _sync(settings, stop))
+    return asyncio.run(_with_connection(settings, args))
+
+
+async def _sync(settings: Settings, stop: asyncio.Event) -> int:
+    summary = await sync_once(settings, stop=stop)
+    print(report.run_summary(summary))
+    return summary.exit_code
+
+
+def _run_with_signals(job: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """SIGTERM/SIGINT: stop claiming, finish what is in flight, release the rest."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await job(stop)
+
+    return asyncio.run(runner())
+
+
+async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
+    conn = await db.connect(settings)
+    try:
+        if args.command == "migrate":
+            applied = await db.migrate(conn)
+            print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+            return 0
+        await db.check_schema(conn)
+        if args.command == "status":
+            print(await report.status(conn, args.runs))
+            return 0
+        if args.command == "plan":
+            plans = await plan.preview(conn, settings.chunk_size)
+            print(report.plan_table(plans, settings.chunk_size))
+            return 0
+        return await _segments(conn, args)
+    finally:
+        await conn.close()
+
+
+async def _segments(conn: Any, args: argparse.Namespace) -> int:
+    if args.segments_command == "list":
+        print(report.links_table(await segments.list_links(conn)))
+        return 0
+    if args.segments_command == "unlink":
+        dropped = await segments.unlink(conn, args.key, force=args.force)
+        print(f"unlinked {args.key}" + (f" (dropped {dropped} unsent chunk(s))" if dropped else ""))
+        return 0
+    result = await segments.link(
+        conn,
+        segments.Link(
+            segment_key=args.key,
+            criteo_segment_id=args.segment_id,
+            identifier_type=args.identifier_type,
+            api=args.api,
+            send_as=args.send_as,
+            account_id=args.account_id,
+            gum_caller_id=args.gum_caller_id,
+        ),
+    )
+    print(f"{result} {args.key} -> {args.api} segment {args.segment_id}")
+    return 0

@@ -1,0 +1,186 @@
+"""The one settings object, parsed once from environment variables.
+
+Every variable is documented in `.env.example`, in the same order as the fields
+below. Parsing is eager: the first missing or malformed value raises
+ConfigError naming the variable, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from syncd.errors import ConfigError
+
+T = TypeVar("T")
+
+MAX_CHUNK_SIZE = 50_000  # Criteo's documented limit of identifiers per add/remove request
+DEFAULT_API_VERSION = "2026-07"
+# Criteo publishes two stable versions a year (January, July); older ones answer 410 Gone.
+_API_VERSION = re.compile(r"^(preview|20[2-9][0-9]-(0[1-9]|1[0-2]))$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("json", "console")
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: Secret
+    criteo_client_id: str
+    criteo_client_secret: Secret
+    criteo_api_url: str = "https://api.criteo.com"
+    criteo_api_version: str = DEFAULT_API_VERSION
+    concurrency: int = 8
+    chunk_size: int = MAX_CHUNK_SIZE
+    plan_concurrency: int = 2
+    http_timeout_s: float = 60.0
+    max_attempts: int = 5
+    retry_base_s: float = 0.5
+    retry_max_wait_s: float = 30.0
+    lease_s: float = 300.0
+    retention_days: int = 30
+    log_level: str = "info"
+    log_format: str = "json"
+    # Commands that never talk to Criteo (migrate, segments, status, plan) run without credentials.
+    has_criteo_credentials: bool = field(default=True)
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.criteo_api_url}/oauth2/token"
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, need_criteo: bool = True
+    ) -> Settings:
+        """Read every variable; raise ConfigError for the first one that is wrong."""
+        e = os.environ if env is None else env
+        client_id = _get(e, "CRITEO_CLIENT_ID", str, required=need_criteo, default="")
+        client_secret = _get(e, "CRITEO_CLIENT_SECRET", str, required=need_criteo, default="")
+        settings = cls(
+            database_url=Secret(_get(e, "SYNCD_DATABASE_URL", _database_url, required=True)),
+            criteo_client_id=client_id,
+            criteo_client_secret=Secret(client_secret),
+            criteo_api_url=_get(e, "CRITEO_API_URL", _http_url, default="https://api.criteo.com"),
+            criteo_api_version=_get(e, "CRITEO_API_VERSION", _api_version, DEFAULT_API_VERSION),
+            concurrency=_get(e, "SYNCD_CONCURRENCY", _int_in(1, 64), default=8),
+            chunk_size=_get(e, "SYNCD_CHUNK_SIZE", _int_in(1, MAX_CHUNK_SIZE), MAX_CHUNK_SIZE),
+            plan_concurrency=_get(e, "SYNCD_PLAN_CONCURRENCY", _int_in(1, 16), default=2),
+            http_timeout_s=_get(e, "SYNCD_HTTP_TIMEOUT_S", _float_in(0.1, 600), default=60.0),
+            max_attempts=_get(e, "SYNCD_MAX_ATTEMPTS", _int_in(1, 100), default=5),
+            retry_base_s=_get(e, "SYNCD_RETRY_BASE_S", _float_in(0, 60), default=0.5),
+            retry_max_wait_s=_get(e, "SYNCD_RETRY_MAX_WAIT_S", _float_in(0, 3600), default=30.0),
+            lease_s=_get(e, "SYNCD_LEASE_S", _float_in(5, 86_400), default=300.0),
+            retention_days=_get(e, "SYNCD_RETENTION_DAYS", _int_in(1, 3650), default=30),
+            log_level=_get(e, "SYNCD_LOG_LEVEL", _choice(_LOG_LEVELS), default="info"),
+            log_format=_get(e, "SYNCD_LOG_FORMAT", _choice(_LOG_FORMATS), default="json"),
+            has_criteo_credentials=bool(client_id and client_secret),
+        )
+        if settings.lease_s < settings.http_timeout_s * 2:
+            raise ConfigError(
+                f"SYNCD_LEASE_S: {settings.lease_s:g} s is too short; it must be at least twice "
+                f"SYNCD_HTTP_TIMEOUT_S ({settings.http_timeout_s:g} s) so a chunk's lease outlives "
+                "one request"
+            )
+        return settings
+
+
+def _get(
+    env: Mapping[str, str],
+    name: str,
+    parse: Callable[[str], T],
+    default: T | None = None,
+    *,
+    required: bool = False,
+) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        if required:
+            raise ConfigError(f"{name} is not set")
+        assert default is not None
+        return default
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value} is out of range; use {low} to {high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value:g} is out of range; use {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in options:
+            raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{raw!r} is not an http(s) URL such as https://api.criteo.com")
+    return raw.rstrip("/")
+
+
+def _database_url(raw: str) -> str:
+    # Never echo the URL back: it usually holds a password.
+    if urlsplit(raw).scheme not in ("postgres", "postgresql"):
+        raise ValueError("must be a postgresql:// URL")
+    return raw
+
+
+def _api_version(raw: str) -> str:
+    if not _API_VERSION.match(raw):
+        raise ValueError(f"{raw!r} is not a Criteo API version such as {DEFAULT_API_VERSION}")
+    return raw

@@ -1,0 +1,153 @@
+"""The database: connection pool, named queries, migrations.
+
+Runtime queries live in `syncd/queries.sql` as named blocks (`-- name: x` then a
+one-line description), migrations in the top-level `sql/NNNN_*.sql` files. No SQL
+is assembled in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from syncd.config import Settings
+from syncd.errors import ConfigError, MigrationError
+from syncd.logging import get_logger
+
+log = get_logger(__name__)
+
+# Two int4 keys for pg_advisory_*lock: 'sync' as an int4, then what the lock guards.
+LOCK_NAMESPACE = 0x73796E63
+LOCK_MIGRATE = 1
+_MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_QUERY_HEADER = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
+
+
+@cache
+def load_queries(filename: str = "queries.sql") -> dict[str, str]:
+    """Every named query in one of the package's .sql files, keyed by name."""
+    text = (importlib.resources.files("syncd") / filename).read_text(encoding="utf-8")
+    parts = _QUERY_HEADER.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def query(name: str) -> str:
+    return load_queries()[name]
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> Any:
+    """A small pool: connections are held for claims and finalises, never across HTTP calls."""
+    size = max_size or settings.concurrency + settings.plan_concurrency + 2
+    try:
+        return await asyncpg.create_pool(
+            settings.database_url.reveal(),
+            min_size=min_size,
+            max_size=size,
+            command_timeout=600,  # a plan of millions of changes is one statement
+            server_settings={"application_name": "syncd"},
+        )
+    except (OSError, asyncpg.PostgresError, ValueError) as exc:
+        raise ConfigError(f"SYNCD_DATABASE_URL: cannot connect ({_describe(exc)})") from None
+
+
+async def connect(settings: Settings) -> Any:
+    """A dedicated connection, outside the pool (its session advisory locks must persist)."""
+    try:
+        return await asyncpg.connect(
+            settings.database_url.reveal(), server_settings={"application_name": "syncd"}
+        )
+    except (OSError, asyncpg.PostgresError, ValueError) as exc:
+        raise ConfigError(f"SYNCD_DATABASE_URL: cannot connect ({_describe(exc)})") from None
+
+
+def _describe(exc: BaseException) -> str:
+    # asyncpg messages never contain the password; the URL itself is never echoed.
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations_dir() -> Path:
+    """The sql/ folder of a checkout, or the copy packaged as syncd.migrations."""
+    checkout = Path(__file__).resolve().parent.parent / "sql"
+    if (checkout / "0001_init.sql").is_file():
+        return checkout
+    return Path(str(importlib.resources.files("syncd.migrations")))
+
+
+def load_migrations(folder: Path | None = None) -> list[Migration]:
+    folder = folder or migrations_dir()
+    found = []
+    for path in sorted(folder.iterdir()):
+        match = _MIGRATION_FILE.match(path.name)
+        if match:
+            found.append(Migration(match.group(1), path.name, path.read_text(encoding="utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a number in {folder}")
+    return found
+
+
+async def migrate(conn: Any, folder: Path | None = None) -> list[str]:
+    """Apply the migrations not applied yet, in order; return the names applied.
+
+    One transaction under a blocking transaction-scoped advisory lock: a second
+    process running this at the same moment waits, then finds nothing to do.
+    """
+    wanted = load_migrations(folder)
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, LOCK_MIGRATE)
+        await conn.execute(query("create_migrations_table"))
+        done = {r["version"]: r for r in await conn.fetch(query("applied_migrations"))}
+        for migration in wanted:
+            previous = done.get(migration.version)
+            if previous is not None:
+                if previous["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"{migration.name} changed after it was applied "
+                        f"(applied as {previous['name']}); add a new migration instead"
+                    )
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(
+                query("record_migration"), migration.version, migration.name, migration.checksum
+            )
+            applied_now.append(migration.name)
+    for name in applied_now:
+        log.info("migration_applied", migration=name)
+    return applied_now
+
+
+async def check_schema(conn: Any) -> None:
+    """Fail with a clear message when `syncd migrate` has not been run."""
+    pending = await pending_migrations(conn)
+    if pending:
+        raise MigrationError(
+            f"the database schema is not up to date ({len(pending)} migration(s) pending, "
+            f"first {pending[0]}); run `syncd migrate`"
+        )
+
+
+async def pending_migrations(conn: Any) -> list[str]:
+    exists = await conn.fetchval("SELECT to_regclass('syncd.schema_migrations') IS NOT NULL")
+    applied = (
+        {r["version"] for r in await conn.fetch(query("applied_migrations"))} if exists else set()
+    )
+    return [m.name for m in load_migrations() if m.version not in applied]

@@ -1,0 +1,132 @@
+"""Plan: turn the inbox's visible changes into netted chunks, one segment per transaction.
+
+All of the set work (normalising, validating, hashing, netting, chunking) is one
+SQL statement (`plan_segment` in queries.sql). Segments are planned one transaction
+each, a few at a time, so pushing starts as soon as the first segment is planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from syncd.db import query
+from syncd.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    segment_key: str
+    plan_id: int
+    changes_consumed: int
+    rejected: int
+    adds: int
+    removes: int
+    chunks: int
+
+
+async def plan_segment(
+    conn: Any, run_id: int, segment_key: str, identifier_type: str, send_as: str, chunk_size: int
+) -> SegmentPlan:
+    """Plan one segment in the caller's transaction (commit to keep, roll back to preview)."""
+    # Serialise plans of one segment: plan ids then order its changes.
+    await conn.execute(query("lock_segment_plan"), segment_key)
+    await conn.execute(query("plan_work_mem"))
+    plan_id = await conn.fetchval(query("create_plan"), run_id, segment_key)
+    row = await conn.fetchrow(
+        query("plan_segment"), plan_id, segment_key, identifier_type, send_as, run_id, chunk_size
+    )
+    plan = SegmentPlan(
+        segment_key=segment_key,
+        plan_id=plan_id,
+        changes_consumed=row["changes_consumed"],
+        rejected=row["rejected"],
+        adds=row["adds"],
+        removes=row["removes"],
+        chunks=row["chunks"],
+    )
+    await conn.execute(
+        query("record_plan"),
+        plan_id,
+        plan.changes_consumed,
+        plan.rejected,
+        plan.adds,
+        plan.removes,
+        plan.chunks,
+    )
+    return plan
+
+
+async def plan_all(
+    pool: Any,
+    run_id: int,
+    chunk_size: int,
+    parallel: int,
+    on_planned: Callable[[SegmentPlan], Awaitable[None]],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[SegmentPlan]:
+    """Plan every linked segment that has visible changes, `parallel` at a time."""
+    async with pool.acquire() as conn:
+        segments = await conn.fetch(query("segments_to_plan"))
+    gate = asyncio.Semaphore(parallel)
+    plans: list[SegmentPlan] = []
+
+    async def one(segment: Any) -> None:
+        async with gate:
+            if should_stop():
+                return
+            async with pool.acquire() as conn, conn.transaction():
+                plan = await plan_segment(
+                    conn,
+                    run_id,
+                    segment["segment_key"],
+                    segment["identifier_type"],
+                    segment["send_as"],
+                    chunk_size,
+                )
+            plans.append(plan)
+            log.info(
+                "segment_planned",
+                segment_key=plan.segment_key,
+                plan_id=plan.plan_id,
+                changes=plan.changes_consumed,
+                adds=plan.adds,
+                removes=plan.removes,
+                rejected=plan.rejected,
+                chunks=plan.chunks,
+            )
+            await on_planned(plan)
+
+    async with asyncio.TaskGroup() as group:
+        for segment in segments:
+            group.create_task(one(segment))
+    return plans
+
+
+async def preview(conn: Any, chunk_size: int) -> list[SegmentPlan]:
+    """What a sync would send now: the real plan, in a transaction that is rolled back."""
+    plans = []
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        run = await conn.fetchrow(query("start_run"), "plan", socket.gethostname(), os.getpid())
+        for segment in await conn.fetch(query("segments_to_plan")):
+            plans.append(
+                await plan_segment(
+                    conn,
+                    run["id"],
+                    segment["segment_key"],
+                    segment["identifier_type"],
+                    segment["send_as"],
+                    chunk_size,
+                )
+            )
+    finally:
+        await tx.rollback()
+    return plans

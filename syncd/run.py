@@ -1,0 +1,241 @@
+"""One sync run, start to finish: plan and push concurrently, then record the totals.
+
+The run holds a session advisory lock on a dedicated connection for its whole life;
+PostgreSQL drops it the moment the process dies, which is how another run knows it
+may take over this run's claimed chunks at once (see syncd.run_is_alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from syncd import plan
+from syncd.config import Settings
+from syncd.criteo import CriteoClient
+from syncd.db import check_schema, connect, create_pool, query
+from syncd.errors import RunAbortingError
+from syncd.logging import get_logger
+from syncd.push import Pusher, Sleep
+
+log = get_logger(__name__)
+
+IDLE_POLL_S = 0.5  # how often an idle worker looks again while others still work
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    status: str
+    changes_consumed: int = 0
+    identifiers_rejected: int = 0
+    chunks_planned: int = 0
+    chunks_acknowledged: int = 0
+    chunks_failed: int = 0
+    chunks_left: int = 0
+    requests: int = 0
+    identifiers_sent: int = 0
+    nb_valid: int = 0
+    nb_invalid: int = 0
+    error: str | None = None
+    made_window: bool | None = None
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.error and self.status == "failed":
+            return 2 if self.error.startswith("configuration:") else 1
+        return 0 if self.chunks_failed == 0 and self.chunks_left == 0 else 1
+
+
+class SyncRun:
+    """Plans and pushes until nothing this run can send is left."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Any,
+        client: CriteoClient,
+        run_id: int,
+        sleep: Sleep = asyncio.sleep,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.run_id = run_id
+        self.pusher = Pusher(pool, client, settings, run_id, sleep)
+        self.stop = stop or asyncio.Event()
+        self.abort_error: RunAbortingError | None = None
+        self._planning_done = False
+        self._in_flight = 0
+        self._progress = asyncio.Condition()
+        self.plans: list[plan.SegmentPlan] = []
+
+    async def execute(self) -> None:
+        async def planner() -> None:
+            try:
+                self.plans = await plan.plan_all(
+                    self.pool,
+                    self.run_id,
+                    self.settings.chunk_size,
+                    self.settings.plan_concurrency,
+                    on_planned=lambda _: self._notify(),
+                    should_stop=self.stop.is_set,
+                )
+            finally:
+                self._planning_done = True
+                await self._notify()
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(planner())
+            for _ in range(self.settings.concurrency):
+                group.create_task(self._worker())
+        released = await self.pusher.release()
+        if released:
+            log.info("chunks_released", run_id=self.run_id, chunks=released)
+
+    async def _worker(self) -> None:
+        while not self.stop.is_set():
+            chunk = await self.pusher.claim()
+            if chunk is None:
+                if not await self._should_wait():
+                    return
+                await self._wait_for_progress()
+                continue
+            self._in_flight += 1
+            try:
+                await self.pusher.push(chunk)
+            except RunAbortingError as exc:
+                self.abort_error = exc
+                self.stop.set()
+            finally:
+                self._in_flight -= 1
+                await self._notify()
+
+    async def _should_wait(self) -> bool:
+        """Nothing claimable now: wait if more may come (planning, our pushes, other runs)."""
+        if not self._planning_done or self._in_flight:
+            return True
+        async with self.pool.acquire() as conn:
+            return bool(await conn.fetchval(query("claimed_elsewhere"), self.run_id))
+
+    async def _wait_for_progress(self) -> None:
+        async with self._progress:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), IDLE_POLL_S)
+
+    async def _notify(self) -> None:
+        async with self._progress:
+            self._progress.notify_all()
+
+
+async def sync_once(
+    settings: Settings,
+    *,
+    trigger: str = "manual",
+    sleep: Sleep = asyncio.sleep,
+    stop: asyncio.Event | None = None,
+) -> RunSummary:
+    """Run one sync now and return its summary (the CLI prints it)."""
+    lock_conn = await connect(settings)
+    pool = None
+    try:
+        await check_schema(lock_conn)
+        await lock_conn.execute(query("mark_dead_runs"))
+        async with lock_conn.transaction():
+            # The row and the liveness lock become visible together.
+            row = await lock_conn.fetchrow(
+                query("start_run"), trigger, socket.gethostname(), os.getpid()
+            )
+            run_id = row["id"]
+            await lock_conn.execute(query("hold_run_lock"), run_id)
+        await lock_conn.execute(query("rearm_failed_chunks"))
+        await lock_conn.fetchrow(query("prune_history"), settings.retention_days)
+        log.info(
+            "run_started",
+            run_id=run_id,
+            trigger=trigger,
+            target_window=row["target_window"].isoformat(),
+        )
+        pool = await create_pool(settings)
+        status, error = "succeeded", None
+        run: SyncRun | None = None
+        try:
+            async with CriteoClient.open(settings) as client:
+                run = SyncRun(settings, pool, client, run_id, sleep, stop)
+                await run.execute()
+        except asyncio.CancelledError:
+            status, error = "interrupted", "cancelled"
+            raise
+        finally:
+            if run is not None and run.abort_error is not None:
+                status, error = "failed", f"configuration: {run.abort_error}"
+            elif run is not None and run.stop.is_set() and status == "succeeded":
+                status = "interrupted"
+            summary = await _finish(lock_conn, run_id, status, error, run)
+        return summary
+    finally:
+        if pool is not None:
+            await pool.close()
+        await lock_conn.close()
+
+
+async def _finish(
+    conn: Any, run_id: int, status: str, error: str | None, run: SyncRun | None
+) -> RunSummary:
+    summary = RunSummary(run_id=run_id, status=status, error=error)
+    plans = run.plans if run else []
+    summary.changes_consumed = sum(p.changes_consumed for p in plans)
+    summary.identifiers_rejected = sum(p.rejected for p in plans)
+    summary.chunks_planned = sum(p.chunks for p in plans)
+    summary.segments = [dict(r) for r in await conn.fetch(query("run_segment_report"), run_id)]
+    summary.rejected = [dict(r) for r in await conn.fetch(query("run_rejected_report"), run_id)]
+    for seg in summary.segments:
+        summary.chunks_acknowledged += seg["chunks_acknowledged"]
+        summary.chunks_failed += seg["chunks_failed"]
+        summary.identifiers_sent += seg["sent"]
+        summary.nb_valid += seg["valid"]
+        summary.nb_invalid += seg["invalid"]
+    summary.requests = sum(s["requests"] or 0 for s in summary.segments)
+    summary.chunks_left = await conn.fetchval(query("chunks_left"))
+    if status == "succeeded" and (summary.chunks_failed or summary.chunks_left):
+        summary.status = status = "failed"
+    made = await conn.fetchval(
+        query("finish_run"),
+        run_id,
+        status,
+        summary.changes_consumed,
+        summary.identifiers_rejected,
+        summary.chunks_planned,
+        summary.chunks_acknowledged,
+        summary.chunks_failed,
+        summary.chunks_left,
+        summary.requests,
+        summary.identifiers_sent,
+        summary.nb_valid,
+        summary.nb_invalid,
+        error,
+    )
+    summary.made_window = made
+    log.info(
+        "run_finished",
+        run_id=run_id,
+        status=status,
+        changes=summary.changes_consumed,
+        rejected=summary.identifiers_rejected,
+        chunks_planned=summary.chunks_planned,
+        chunks_acknowledged=summary.chunks_acknowledged,
+        chunks_failed=summary.chunks_failed,
+        chunks_left=summary.chunks_left,
+        identifiers_sent=summary.identifiers_sent,
+        nb_valid=summary.nb_valid,
+        nb_invalid=summary.nb_invalid,
+        made_window=made,
+        error=error,
+    )
+    return summary

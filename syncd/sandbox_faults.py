@@ -1,0 +1,473 @@
+"""The sandbox's fault injection and test control: everything a test steers.
+
+``syncd.sandbox`` is the Criteo look-alike; this module decides how long it waits before
+answering an amendment, whether that amendment fails and how (scripted one-shot faults
+first, then random ones), whether the per-minute budget allows a call, and serves the
+``/_sandbox/`` control endpoints (no auth) that seed segments, script faults, expire
+tokens, report counters and reset. It also holds the Criteo-style error answers, since
+faults answer with them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from syncd.sandbox import SandboxConfig, SandboxState
+
+log = structlog.get_logger(__name__)
+
+SANDBOX_STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state")
+DROP_BEFORE = "before"
+DROP_AFTER = "after"
+_RATE_WINDOW_S = 60.0
+
+
+# --- Criteo-style error answers ------------------------------------------------------------
+
+
+def problem(
+    type_: str, code: str, detail: str, instance: str = "@data", title: str | None = None
+) -> dict[str, Any]:
+    trace = uuid.uuid4().hex
+    return {
+        "traceId": trace,
+        "traceIdentifier": trace,
+        "type": type_,
+        "code": code,
+        "instance": instance,
+        "title": title or code.replace("-", " ").capitalize(),
+        "detail": detail,
+    }
+
+
+def error_response(
+    status: int, *problems: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"errors": list(problems)}, status=status, headers=headers)
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+class FaultSpecError(ValueError):
+    """A fault script entry or a fault setting sent to /_sandbox/faults is malformed."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault to inject into one amendment request.
+
+    Exactly one of ``status``, ``drop`` and ``stall_s`` is set. ``retry_after`` is the
+    Retry-After header value sent verbatim (seconds or an HTTP-date), ``None`` for none.
+    """
+
+    status: int | None = None
+    code: str | None = None
+    retry_after: str | None = None
+    drop: str | None = None
+    stall_s: float | None = None
+    segment_id: str | None = None
+    origin: str = "script"
+
+    @property
+    def kind(self) -> str:
+        if self.drop is not None:
+            return f"drop_{self.drop}"
+        if self.stall_s is not None:
+            return "stall"
+        return f"status_{self.status}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.status is not None:
+            out["status"] = self.status
+        if self.code is not None:
+            out["code"] = self.code
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        if self.drop is not None:
+            out["drop"] = self.drop
+        if self.stall_s is not None:
+            out["stall_s"] = self.stall_s
+        if self.segment_id is not None:
+            out["segment_id"] = self.segment_id
+        return out
+
+
+def _number(value: object, name: str, *, low: float = 0.0, high: float = math.inf) -> float:
+    # bool is an int subclass; "true" as a latency is a caller's mistake, not 1 ms.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FaultSpecError(f"{name} must be a number")
+    if not low <= float(value) <= high:
+        raise FaultSpecError(f"{name} must be between {low} and {high}")
+    return float(value)
+
+
+def parse_fault(entry: object) -> Fault:
+    """Validate one script entry, e.g. ``{"status": 429, "retry_after": "2"}``."""
+    if not isinstance(entry, dict):
+        raise FaultSpecError("each script entry must be an object")
+    known = {"status", "code", "retry_after", "drop", "stall_s", "segment_id"}
+    unknown = set(entry) - known
+    if unknown:
+        raise FaultSpecError(f"unknown script keys: {sorted(unknown)}")
+    kinds = [key for key in ("status", "drop", "stall_s") if key in entry]
+    if len(kinds) != 1:
+        raise FaultSpecError("a script entry needs exactly one of status, drop, stall_s")
+    segment = entry.get("segment_id")
+    if segment is not None and (isinstance(segment, bool) or not isinstance(segment, str | int)):
+        raise FaultSpecError("segment_id must be a string")
+    segment_id = None if segment is None else str(segment)
+    if "drop" in entry:
+        if entry["drop"] not in (DROP_BEFORE, DROP_AFTER):
+            raise FaultSpecError('drop must be "before" or "after"')
+        return Fault(drop=entry["drop"], segment_id=segment_id)
+    if "stall_s" in entry:
+        stall = _number(entry["stall_s"], "stall_s", high=3600.0)
+        return Fault(stall_s=stall, segment_id=segment_id)
+    status = entry["status"]
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        raise FaultSpecError("status must be an HTTP error status (400-599)")
+    code = entry.get("code")
+    if code is not None and not isinstance(code, str):
+        raise FaultSpecError("code must be a string")
+    retry_after = entry.get("retry_after")
+    if retry_after is not None:
+        if isinstance(retry_after, bool) or not isinstance(retry_after, str | int | float):
+            raise FaultSpecError("retry_after must be a string (seconds or HTTP-date)")
+        retry_after = format_retry_after(retry_after)
+    return Fault(status=status, code=code, retry_after=retry_after, segment_id=segment_id)
+
+
+def format_retry_after(value: str | float) -> str:
+    """Seconds as Retry-After wants them: ``2`` rather than ``2.0``; strings pass as sent."""
+    if isinstance(value, str):
+        return value
+    return f"{value:g}"
+
+
+@dataclass
+class FaultSettings:
+    """The run-time knobs; /_sandbox/faults changes them, /_sandbox/reset restores them."""
+
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    fault_rate_5xx: float = 0.0
+    fault_rate_429: float = 0.0
+    fault_rate_drop: float = 0.0
+    retry_after_s: float = 1.0
+    rate_limit_per_minute: int | None = None
+
+    @classmethod
+    def from_config(cls, config: SandboxConfig) -> FaultSettings:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_RATES = ("fault_rate_5xx", "fault_rate_429", "fault_rate_drop")
+
+
+def updated_settings(current: FaultSettings, body: Mapping[str, Any]) -> FaultSettings:
+    """A copy of ``current`` with the fields present in ``body`` validated and replaced."""
+    values = current.to_json()
+    for name in ("latency_ms", "latency_jitter_ms", "retry_after_s"):
+        if name in body:
+            values[name] = _number(body[name], name, high=3_600_000.0)
+    for name in _RATES:
+        if name in body:
+            values[name] = _number(body[name], name, high=1.0)
+    if sum(values[name] for name in _RATES) > 1.0:
+        raise FaultSpecError("the fault rates must add up to at most 1")
+    if "rate_limit_per_minute" in body:
+        limit = body["rate_limit_per_minute"]
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise FaultSpecError("rate_limit_per_minute must be a positive integer or null")
+        if limit is not None and limit < 1:
+            raise FaultSpecError("rate_limit_per_minute must be a positive integer or null")
+        values["rate_limit_per_minute"] = limit
+    return FaultSettings(**values)
+
+
+class FaultInjector:
+    """Decides latency and faults; seeded so a benchmark run can be repeated."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self._config = config
+        # Validated like a /_sandbox/faults body: a bad SandboxConfig fails at start-up.
+        self.settings = updated_settings(
+            FaultSettings(), FaultSettings.from_config(config).to_json()
+        )
+        self.script: deque[Fault] = deque()
+        seed = config.seed
+        # Two generators, so changing the jitter does not shift which requests fail.
+        self._fault_rng = random.Random(seed)
+        self._jitter_rng = random.Random(None if seed is None else seed + 1)
+
+    def reset(self) -> None:
+        self.settings = FaultSettings.from_config(self._config)
+        self.script.clear()
+
+    def update(self, body: Mapping[str, Any]) -> None:
+        """Apply a /_sandbox/faults body; all or nothing, so a typo changes nothing."""
+        known = {"script"} | {f.name for f in fields(FaultSettings)}
+        unknown = set(body) - known
+        if unknown:
+            raise FaultSpecError(f"unknown fault settings: {sorted(unknown)}")
+        settings = updated_settings(self.settings, body)
+        script: list[Fault] | None = None
+        if "script" in body:
+            if not isinstance(body["script"], list):
+                raise FaultSpecError("script must be a list")
+            script = [parse_fault(entry) for entry in body["script"]]
+        self.settings = settings
+        if script is not None:
+            self.script = deque(script)
+
+    def latency_s(self) -> float:
+        s = self.settings
+        jitter = self._jitter_rng.uniform(0.0, s.latency_jitter_ms) if s.latency_jitter_ms else 0.0
+        return max(0.0, s.latency_ms + jitter) / 1000.0
+
+    def next_fault(self, segment_id: str) -> Fault | None:
+        """The fault for the amendment request now being handled, if any.
+
+        Scripted faults come first, in order; an entry bound to another segment waits
+        for a request to that segment. Random faults draw one number per request.
+        """
+        for index, fault in enumerate(self.script):
+            if fault.segment_id is None or fault.segment_id == segment_id:
+                del self.script[index]
+                return fault
+        s = self.settings
+        if not (s.fault_rate_5xx or s.fault_rate_429 or s.fault_rate_drop):
+            return None
+        draw = self._fault_rng.random()
+        if draw < s.fault_rate_5xx:
+            return Fault(status=503, origin="random")
+        draw -= s.fault_rate_5xx
+        if draw < s.fault_rate_429:
+            return Fault(
+                status=429, retry_after=format_retry_after(s.retry_after_s), origin="random"
+            )
+        draw -= s.fault_rate_429
+        if draw < s.fault_rate_drop:
+            return Fault(drop=DROP_AFTER, origin="random")
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.settings.to_json(), "script": [fault.to_json() for fault in self.script]}
+
+
+class RateLimiter:
+    """One budget per application: a fixed one-minute window opened by its first call.
+
+    Criteo documents ``x-ratelimit-reset`` as the epoch second when calls are allowed
+    again, which is what a fixed window gives; a sliding window would have no such time.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._window_start: float | None = None
+        self._used = 0
+
+    def reset(self) -> None:
+        self._window_start = None
+        self._used = 0
+
+    def _roll(self, now: float) -> float:
+        if self._window_start is None or now >= self._window_start + _RATE_WINDOW_S:
+            self._window_start = now
+            self._used = 0
+        return self._window_start
+
+    def acquire(self, limit: int) -> bool:
+        """Spend one call of the budget; False (and nothing spent) when it is used up."""
+        self._roll(self._clock())
+        if self._used >= limit:
+            return False
+        self._used += 1
+        return True
+
+    def retry_after_s(self) -> int:
+        start = self._roll(self._clock())
+        return max(1, math.ceil(start + _RATE_WINDOW_S - self._clock()))
+
+    def headers(self, limit: int) -> dict[str, str]:
+        start = self._roll(self._clock())
+        return {
+            "x-ratelimit-limit": str(limit),
+            "x-ratelimit-remaining": str(max(0, limit - self._used)),
+            "x-ratelimit-reset": str(math.ceil(start + _RATE_WINDOW_S)),
+        }
+
+
+class DroppedResponse(web.Response):
+    """The placeholder a handler returns after closing the connection: nobody receives it."""
+
+
+def drop_connection(request: web.Request) -> DroppedResponse:
+    """Close the client's connection without an answer, without server-side noise.
+
+    Raising from the handler would make aiohttp log "Error handling request" with a
+    traceback. Instead the transport is closed and a placeholder answer returned:
+    aiohttp fails to write it, takes that for a client that went away, and logs
+    nothing above debug. The client sees ServerDisconnectedError (or a reset).
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return DroppedResponse(status=500, text="connection dropped by the sandbox")
+
+
+def fault_response(fault: Fault) -> web.Response:
+    status = fault.status or 500
+    headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+    if status == 401:
+        body = problem("authorization", "authorization-token-expired", "the token has expired")
+    elif status == 429:
+        body = problem("quota", fault.code or "too-many-requests", "rate limit exceeded")
+    elif status >= 500:
+        body = problem("availability", fault.code or "service-unavailable", "try again later")
+    else:
+        body = problem("validation", fault.code or "invalid-request", "injected error")
+    return error_response(status, body, headers=headers)
+
+
+async def with_faults(
+    request: web.Request,
+    injector: FaultInjector,
+    entry: dict[str, Any],
+    answer: Callable[[], web.Response],
+) -> web.StreamResponse:
+    """Wait the latency, then answer an amendment, unless a fault says otherwise.
+
+    ``answer`` validates and applies the amendment; ``entry`` is its request-log line.
+    """
+    await asyncio.sleep(injector.latency_s())
+    fault = injector.next_fault(entry["segment_id"])
+    if fault is None:
+        return answer()
+    entry["fault"] = fault.kind
+    log.info(
+        "sandbox_fault_injected",
+        segment_id=entry["segment_id"],
+        fault=fault.kind,
+        origin=fault.origin,
+    )
+    if fault.drop == DROP_BEFORE:
+        return drop_connection(request)
+    if fault.status is not None:
+        return fault_response(fault)
+    response = answer()
+    if fault.drop == DROP_AFTER:
+        return drop_connection(request)
+    if fault.stall_s:
+        # Applied already: a client that times out here must not assume nothing happened.
+        await asyncio.sleep(fault.stall_s)
+    return response
+
+
+# --- control endpoints (/_sandbox/, no auth, JSON) ------------------------------------------
+
+control_routes = web.RouteTableDef()
+
+
+def _control_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _control_body(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+@control_routes.post("/_sandbox/segments", name="control_add_segment")
+async def control_add_segment(request: web.Request) -> web.Response:
+    """Seed a segment without the create API: ``{"api", "identifier_type", "account_id"}``."""
+    body = await _control_body(request)
+    if body is None:
+        return _control_error(400, "the body must be a JSON object")
+    try:
+        segment = request.app[SANDBOX_STATE].seed_segment(body)
+    except KeyError as exc:
+        return _control_error(409, str(exc.args[0]))
+    except ValueError as exc:
+        return _control_error(400, str(exc))
+    return web.json_response({"id": segment.id})
+
+
+@control_routes.get("/_sandbox/segments/{segment_id}", name="control_get_segment")
+async def control_get_segment(request: web.Request) -> web.Response:
+    state = request.app[SANDBOX_STATE]
+    segment = state.segments.get(request.match_info["segment_id"])
+    if segment is None:
+        return _control_error(404, "no such segment")
+    out: dict[str, Any] = {
+        "id": segment.id,
+        "api": segment.api,
+        "identifier_type": segment.identifier_type,
+        "account_id": segment.account_id,
+        "name": segment.name,
+        "size": segment.size(state.config.keep_members),
+    }
+    if request.query.get("members") in ("1", "true"):
+        out["members"] = sorted(segment.members)
+    return web.json_response(out)
+
+
+@control_routes.post("/_sandbox/faults", name="control_set_faults")
+async def control_set_faults(request: web.Request) -> web.Response:
+    """Change the fault settings present in the body; ``script`` replaces the pending one."""
+    injector = request.app[SANDBOX_STATE].faults
+    body = await _control_body(request)
+    if body is None:
+        return _control_error(400, "the body must be a JSON object")
+    try:
+        injector.update(body)
+    except FaultSpecError as exc:
+        return _control_error(400, str(exc))
+    log.info("sandbox_faults_set", scripted=len(injector.script))
+    return web.json_response(injector.to_json())
+
+
+@control_routes.get("/_sandbox/faults", name="control_get_faults")
+async def control_get_faults(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SANDBOX_STATE].faults.to_json())
+
+
+@control_routes.post("/_sandbox/expire-tokens", name="control_expire_tokens")
+async def control_expire_tokens(request: web.Request) -> web.Response:
+    state = request.app[SANDBOX_STATE]
+    state.expire_tokens()
+    log.info("sandbox_tokens_expired", tokens=len(state.tokens))
+    return web.json_response({"expired": len(state.tokens)})
+
+
+@control_routes.get("/_sandbox/stats", name="control_stats")
+async def control_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SANDBOX_STATE].stats())
+
+
+@control_routes.post("/_sandbox/reset", name="control_reset")
+async def control_reset(request: web.Request) -> web.Response:
+    request.app[SANDBOX_STATE].reset()
+    log.info("sandbox_reset")
+    return web.json_response({"reset": True})
