@@ -1,0 +1,168 @@
+"""Planning: netting after normalisation, chunking, rejections, unlinked keys, late commits."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from syncd import plan, segments
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def link(conn: Any, key: str, kind: str = "email", chunk_id: str = "1") -> None:
+    await segments.link(conn, segments.Link(key, chunk_id, kind))
+
+
+async def add_changes(conn: Any, rows: Iterable[tuple[str, str | None, str]]) -> None:
+    await conn.executemany(
+        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+        "VALUES ($1, $2, $3)",
+        list(rows),
+    )
+
+
+async def new_run(conn: Any) -> int:
+    row = await conn.fetchrow(
+        "INSERT INTO syncd.sync_runs (host, pid, target_window) VALUES ('t', 1, now()) RETURNING id"
+    )
+    return int(row["id"])
+
+
+async def plan_one(conn: Any, key: str, chunk_size: int = 50_000) -> plan.SegmentPlan:
+    run_id = await new_run(conn)
+    seg = await conn.fetchrow("SELECT * FROM syncd.segments WHERE segment_key = $1", key)
+    async with conn.transaction():
+        return await plan.plan_segment(
+            conn, run_id, key, seg["identifier_type"], seg["send_as"], chunk_size
+        )
+
+
+async def chunk_payloads(conn: Any, key: str) -> dict[str, set[str]]:
+    rows = await conn.fetch(
+        "SELECT operation, identifiers FROM syncd.chunks WHERE segment_key = $1", key
+    )
+    out: dict[str, set[str]] = {"add": set(), "remove": set()}
+    for r in rows:
+        out[r["operation"]].update(r["identifiers"])
+    return out
+
+
+async def test_latest_change_wins_after_normalisation(conn: Any) -> None:
+    await link(conn, "vip")
+    await add_changes(
+        conn,
+        [
+            ("vip", "A@x.com ", "add"),
+            ("vip", "a@x.com", "remove"),  # same person: the remove wins
+            ("vip", "b@x.com", "remove"),
+            ("vip", " B@X.com", "add"),  # the add wins
+            ("vip", "c@x.com", "add"),
+            ("vip", "c@x.com", "add"),  # duplicates collapse
+        ],
+    )
+    p = await plan_one(conn, "vip")
+    assert (p.changes_consumed, p.adds, p.removes, p.rejected, p.chunks) == (6, 2, 1, 0, 2)
+    assert await chunk_payloads(conn, "vip") == {
+        "add": {sha("b@x.com"), sha("c@x.com")},
+        "remove": {sha("a@x.com")},
+    }
+    assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 0
+
+
+async def test_hashed_and_plain_forms_of_one_person_net_together(conn: Any) -> None:
+    await link(conn, "vip")
+    await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", sha("a@x.com"), "remove")])
+    p = await plan_one(conn, "vip")
+    assert (p.adds, p.removes) == (0, 1)
+
+
+async def test_chunks_respect_the_size_and_one_operation_each(conn: Any) -> None:
+    await link(conn, "vip")
+    await add_changes(conn, [("vip", f"u{i}@x.com", "add") for i in range(2_500)])
+    await add_changes(conn, [("vip", f"r{i}@x.com", "remove") for i in range(1_001)])
+    p = await plan_one(conn, "vip", chunk_size=1_000)
+    rows = await conn.fetch(
+        "SELECT operation, identifier_count, cardinality(identifiers) AS n "
+        "FROM syncd.chunks ORDER BY operation, identifier_count"
+    )
+    assert p.chunks == 5
+    assert [(r["operation"], r["n"]) for r in rows] == [
+        ("add", 500),
+        ("add", 1000),
+        ("add", 1000),
+        ("remove", 1),
+        ("remove", 1000),
+    ]
+    assert all(r["identifier_count"] == r["n"] for r in rows)
+
+
+async def test_invalid_identifiers_are_rejected_visibly(conn: Any) -> None:
+    await link(conn, "vip")
+    await add_changes(
+        conn,
+        [
+            ("vip", "ok@x.com", "add"),
+            ("vip", "nope", "add"),
+            ("vip", None, "remove"),
+            ("vip", "", "add"),
+        ],
+    )
+    p = await plan_one(conn, "vip")
+    assert (p.adds, p.rejected) == (1, 3)
+    rows = await conn.fetch(
+        "SELECT identifier, reason FROM syncd.rejected_identifiers ORDER BY change_id"
+    )
+    assert [(r["identifier"], r["reason"]) for r in rows] == [
+        ("nope", "not_an_email"),
+        (None, "empty"),
+        ("", "empty"),
+    ]
+
+
+async def test_unlinked_keys_wait(conn: Any) -> None:
+    await link(conn, "vip")
+    await add_changes(conn, [("vip", "a@x.com", "add"), ("later", "b@x.com", "add")])
+    todo = await conn.fetch("SELECT segment_key FROM syncd.segments")
+    assert [r["segment_key"] for r in todo] == ["vip"]
+    await plan_one(conn, "vip")
+    left = await conn.fetch("SELECT segment_key, identifier FROM syncd.membership_changes")
+    assert [(r["segment_key"], r["identifier"]) for r in left] == [("later", "b@x.com")]
+
+
+async def test_late_committed_change_is_consumed_by_the_next_plan(
+    conn: Any, database_url: str
+) -> None:
+    await link(conn, "vip")
+    crm = await asyncpg.connect(database_url)
+    try:
+        tx = crm.transaction()
+        await tx.start()
+        await crm.execute(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "VALUES ('vip', 'early@x.com', 'add')"
+        )  # smaller id, committed late
+        await add_changes(conn, [("vip", "later@x.com", "add")])
+        first = await plan_one(conn, "vip")
+        await tx.commit()
+        second = await plan_one(conn, "vip")
+    finally:
+        await crm.close()
+    assert (first.adds, second.adds) == (1, 1)
+    payloads = await chunk_payloads(conn, "vip")
+    assert payloads["add"] == {sha("early@x.com"), sha("later@x.com")}
+
+
+async def test_preview_changes_nothing(conn: Any) -> None:
+    await link(conn, "vip")
+    await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", "bad", "add")])
+    plans = await plan.preview(conn, 50_000)
+    assert [(p.segment_key, p.adds, p.rejected) for p in plans] == [("vip", 1, 1)]
+    assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 2
+    assert await conn.fetchval("SELECT count(*) FROM syncd.chunks") == 0
+    assert await conn.fetchval("SELECT count(*) FROM syncd.rejected_identifiers") == 0

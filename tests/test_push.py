@@ -1,0 +1,213 @@
+"""Pushing, in process: concurrency, the shared 429 back-off, splitting, deferral, answers."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+from structlog.testing import capture_logs
+
+from syncd import segments
+from syncd.config import Settings
+from syncd.criteo import parse_amendment, retry_after_s
+from syncd.push import backoff_s
+from syncd.run import sync_once
+from syncd.sandbox import RunningSandbox
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def setup_segments(
+    conn: Any, sandbox: RunningSandbox, count: int, per_segment: int, api: str = "retail-media"
+) -> None:
+    for n in range(count):
+        criteo_id = str(1000 + n)
+        sandbox.state.add_segment(api, "42", "email", segment_id=criteo_id)
+        await segments.link(conn, segments.Link(f"s{n}", criteo_id, "email", api=api))
+        await conn.execute(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "SELECT $1, 'user' || g || '@example.com', 'add' FROM generate_series(1, $2) g",
+            f"s{n}",
+            per_segment,
+        )
+
+
+async def faults(sandbox: RunningSandbox, **body: Any) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{sandbox.url}/_sandbox/faults", json=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+def with_env(env: dict[str, str], **extra: str) -> Settings:
+    return Settings.from_env({**env, **extra})
+
+
+async def test_concurrency_is_capped_and_used(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=6, per_segment=300)
+    await faults(sandbox, latency_ms=150)
+    settings = with_env(env, SYNCD_CONCURRENCY="3", SYNCD_CHUNK_SIZE="100")
+    summary = await sync_once(settings)
+    assert summary.exit_code == 0
+    assert summary.chunks_acknowledged == 18
+    stats = sandbox.state.stats()
+    assert stats["max_in_flight"] == 3  # never more than SYNCD_CONCURRENCY, and all of it used
+    for n in range(6):
+        members = sandbox.state.segments[str(1000 + n)].members
+        assert members == {sha(f"user{i}@example.com") for i in range(1, 301)}
+
+
+async def test_429_pauses_every_sender(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=4, per_segment=10)
+    await faults(sandbox, script=[{"status": 429, "retry_after": "1"}])
+    started = time.monotonic()
+    summary = await sync_once(with_env(env, SYNCD_CONCURRENCY="4"))
+    assert summary.exit_code == 0
+    log = sandbox.state.stats()["log"]
+    first_429 = next(e["at"] for e in log if e["status"] == 429)
+    after = [e["at"] for e in log if e["status"] == 200 and e["at"] > first_429 + 0.05]
+    # Every request that started after the 429 waited out the shared cool-down.
+    assert after and min(after) >= first_429 + 0.95
+    assert time.monotonic() - started >= 1.0
+
+
+async def test_too_large_chunk_is_halved(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=1000)
+    await faults(sandbox, script=[{"status": 413}])
+    summary = await sync_once(with_env(env))
+    assert summary.exit_code == 0
+    rows = await conn.fetch("SELECT outcome, identifiers_sent FROM syncd.push_audit ORDER BY id")
+    assert [(r["outcome"], r["identifiers_sent"]) for r in rows] == [
+        ("split", 1000),
+        ("acknowledged", 500),
+        ("acknowledged", 500),
+    ]
+    assert len(sandbox.state.segments["1000"].members) == 1000
+
+
+async def test_long_retry_after_defers_the_chunk_to_a_later_run(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=5)
+    await faults(sandbox, script=[{"status": 429, "retry_after": "120"}])
+    summary = await sync_once(with_env(env, SYNCD_RETRY_MAX_WAIT_S="5"))
+    assert (summary.exit_code, summary.chunks_left) == (1, 1)
+    chunk = await conn.fetchrow(
+        "SELECT state, available_at > now() + interval '100 s' AS later FROM syncd.chunks"
+    )
+    assert (chunk["state"], chunk["later"]) == ("pending", True)
+    audit = await conn.fetchrow("SELECT outcome, http_status FROM syncd.push_audit")
+    assert (audit["outcome"], audit["http_status"]) == ("deferred", 429)
+    # Once due, the next run sends it.
+    await conn.execute("UPDATE syncd.chunks SET available_at = now()")
+    assert (await sync_once(with_env(env))).exit_code == 0
+
+
+async def test_attempt_cap_fails_the_chunk_and_the_next_run_retries(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=5)
+    await faults(sandbox, script=[{"status": 503}] * 3)
+    summary = await sync_once(with_env(env, SYNCD_MAX_ATTEMPTS="3"))
+    assert (summary.exit_code, summary.chunks_failed) == (1, 1)
+    audit = await conn.fetchrow("SELECT outcome, attempts, http_status FROM syncd.push_audit")
+    assert (audit["outcome"], audit["attempts"], audit["http_status"]) == ("failed", 3, 503)
+    again = await sync_once(with_env(env))
+    assert (again.exit_code, again.chunks_acknowledged) == (0, 1)
+
+
+async def test_invalid_counts_and_warnings_are_kept(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    sandbox.state.add_segment("retail-media", "42", "email", segment_id="77")
+    await segments.link(conn, segments.Link("plain", "77", "email", send_as="plain"))
+    # Plain-text sending is the per-segment opt-in; the sandbox judges what it receives.
+    await conn.execute(
+        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) VALUES "
+        "('plain', 'ok@example.com', 'add'), ('plain', 'also.ok@example.org', 'add')"
+    )
+    await faults(sandbox)
+    summary = await sync_once(with_env(env))
+    assert summary.exit_code == 0
+    row = await conn.fetchrow("SELECT * FROM syncd.push_audit")
+    assert row["nb_valid_identifiers"] == 2 and row["nb_invalid_identifiers"] == 0
+    assert row["request_date"] is not None and row["contact_list_id"] is not None
+    assert sandbox.state.segments["77"].members == {"ok@example.com", "also.ok@example.org"}
+
+
+def test_both_documented_answer_shapes_are_read() -> None:
+    attrs = {
+        "contactListId": 523103620165619701,
+        "operation": "add",
+        "requestDate": "2024-04-22T14:29:07.994Z",
+        "identifierType": "email",
+        "nbValidIdentifiers": 3,
+        "nbInvalidIdentifiers": 1,
+        "sampleInvalidIdentifiers": ["bad"],
+    }
+    docs = parse_amendment(
+        200, {"data": {"type": "x", "attributes": attrs}, "warnings": [{"code": "w"}]}
+    )
+    sdk = parse_amendment(200, {"data": attrs, "errors": [{"code": "e"}]})
+    for result in (docs, sdk):
+        assert (result.nb_valid, result.nb_invalid, result.sample_invalid) == (3, 1, ["bad"])
+        assert result.contact_list_id == "523103620165619701"  # beyond 2^53, exact
+        assert result.request_date is not None and result.request_date.year == 2024
+    assert docs.warnings == [{"code": "w"}] and sdk.errors == [{"code": "e"}]
+
+
+def test_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_s(CIMultiDict({"Retry-After": "2"}), lambda: now) == 2.0
+    assert retry_after_s(CIMultiDict({"Retry-After": "-5"}), lambda: now) == 0.0
+    date = "Tue, 14 Nov 2023 22:13:30 GMT"  # now + 10 s
+    assert retry_after_s(CIMultiDict({"Retry-After": date}), lambda: now) == pytest.approx(10)
+    reset = {"x-ratelimit-reset": str(int(now) + 7)}
+    assert retry_after_s(CIMultiDict(reset), lambda: now) == 7.0
+    assert retry_after_s(CIMultiDict(), lambda: now) is None
+
+
+def test_backoff_is_capped_full_jitter() -> None:
+    samples = [backoff_s(attempt, 0.5, 4.0) for attempt in range(1, 12) for _ in range(50)]
+    assert all(0 <= s <= 4.0 for s in samples)
+    assert max(backoff_s(1, 0.5, 4.0) for _ in range(200)) <= 0.5
+    assert max(samples) > 2.0  # it does grow
+
+
+async def test_deprecated_version_is_logged(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=3)
+    with capture_logs() as logs:
+        summary = await sync_once(with_env(env, CRITEO_API_VERSION="2026-01"))
+    assert summary.exit_code == 0
+    warned = [e for e in logs if e["event"] == "criteo_api_version_deprecated"]
+    assert len(warned) == 1 and warned[0]["sunset"]
+
+
+async def test_logs_carry_no_identifier_or_secret(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=3)
+    await faults(sandbox, script=[{"status": 503}])
+    with capture_logs() as logs:
+        await sync_once(with_env(env))
+    text = repr(logs)
+    assert "user1@example.com" not in text and sha("user1@example.com") not in text
+    assert "sandbox-secret" not in text
+    assert {"run_started", "segment_planned", "chunk_retry", "chunk_pushed", "run_finished"} <= {
+        e["event"] for e in logs
+    }

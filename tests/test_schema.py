@@ -1,0 +1,87 @@
+"""Migrations and the inbox contract, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from syncd import db
+from syncd.errors import MigrationError
+
+
+async def test_migrate_is_idempotent_and_recorded(empty_database_url: str) -> None:
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert await db.pending_migrations(conn) == ["0001_init.sql"]
+        assert await db.migrate(conn) == ["0001_init.sql"]
+        assert await db.migrate(conn) == []
+        rows = await conn.fetch("SELECT version, checksum FROM syncd.schema_migrations")
+        assert [(r["version"], r["checksum"]) for r in rows] == [
+            (m.version, m.checksum) for m in db.load_migrations()
+        ]
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_apply_once(empty_database_url: str) -> None:
+    conns = [await asyncpg.connect(empty_database_url) for _ in range(5)]
+    try:
+        results = await asyncio.gather(*(db.migrate(c) for c in conns))
+        assert sorted(len(r) for r in results) == [0, 0, 0, 0, 1]
+        assert await conns[0].fetchval("SELECT count(*) FROM syncd.schema_migrations") == 1
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_changed_migration_is_refused(empty_database_url: str, tmp_path: Path) -> None:
+    (tmp_path / "0001_one.sql").write_text("CREATE SCHEMA IF NOT EXISTS syncd;")
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await db.migrate(conn, tmp_path)
+        (tmp_path / "0001_one.sql").write_text("CREATE SCHEMA IF NOT EXISTS syncd; -- edited")
+        with pytest.raises(MigrationError, match="0001_one.sql changed after it was applied"):
+            await db.migrate(conn, tmp_path)
+    finally:
+        await conn.close()
+
+
+async def test_unmigrated_database_is_named(empty_database_url: str) -> None:
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        with pytest.raises(MigrationError, match="run `syncd migrate`"):
+            await db.check_schema(conn)
+    finally:
+        await conn.close()
+
+
+async def test_inbox_enforces_operation(conn: Any) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "VALUES ('k', 'a@b.c', 'ADD')"
+        )
+    await conn.execute(
+        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+        "VALUES ('k', NULL, 'remove')"
+    )
+    row = await conn.fetchrow("SELECT * FROM syncd.membership_changes")
+    assert row["changed_at"] is not None and row["id"] >= 1
+
+
+async def test_segment_links_are_checked_by_the_database(conn: Any) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(
+            "INSERT INTO syncd.segments (segment_key, api, criteo_segment_id, identifier_type)"
+            " VALUES ('k', 'retail-media', '1', 'madid')"
+        )
+
+
+def test_every_named_query_is_loaded() -> None:
+    names = db.load_queries()
+    assert {"plan_segment", "claim_chunk", "finish_chunk", "split_chunk"} <= set(names)
+    assert all(body.strip() for body in names.values())
