@@ -44,7 +44,7 @@ async def test_changed_migration_is_refused(empty_database_url: str, tmp_path: P
     try:
         await db.migrate(conn, tmp_path)
         (tmp_path / "0001_one.sql").write_text("CREATE SCHEMA IF NOT EXISTS syncd; -- edited")
-        with pytest.raises(MigrationError, match="0001_one.sql changed after it was applied"):
+        with pytest.raises(MigrationError, match=r"0001_one\.sql changed after it was applied"):
             await db.migrate(conn, tmp_path)
     finally:
         await conn.close()
