@@ -19,8 +19,8 @@ test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check syncd tests bench
-	$(BIN)/ruff format --check syncd tests bench
+	$(BIN)/ruff check syncd tests $(wildcard bench)
+	$(BIN)/ruff format --check syncd tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
