@@ -42,14 +42,16 @@ class RunSummary:
     nb_valid: int = 0
     nb_invalid: int = 0
     error: str | None = None
+    # Stopped by a refusal every request would meet (credentials, retired API version).
+    aborted: bool = False
     made_window: bool | None = None
     segments: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        if self.error and self.status == "failed":
-            return 2 if self.error.startswith("configuration:") else 1
+        if self.aborted:
+            return 2  # the settings must change before any run can succeed
         return 0 if self.chunks_failed == 0 and self.chunks_left == 0 else 1
 
 
@@ -174,10 +176,11 @@ async def sync_once(
             raise
         finally:
             if run is not None and run.abort_error is not None:
-                status, error = "failed", f"configuration: {run.abort_error}"
+                status, error = "failed", str(run.abort_error)
             elif run is not None and run.stop.is_set() and status == "succeeded":
                 status = "interrupted"
             summary = await _finish(lock_conn, run_id, status, error, run)
+            summary.aborted = run is not None and run.abort_error is not None
         return summary
     finally:
         if pool is not None:
