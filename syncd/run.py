@@ -174,6 +174,9 @@ async def sync_once(
         except asyncio.CancelledError:
             status, error = "interrupted", "cancelled"
             raise
+        except Exception as exc:  # recorded on the run row, then reported by the CLI
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             if run is not None and run.abort_error is not None:
                 status, error = "failed", str(run.abort_error)
