@@ -339,6 +339,26 @@ class Bench:
         finally:
             await conn.close()
 
+    async def server_counters(self) -> dict[str, float]:
+        """WAL written and checkpoints taken so far (cluster-wide, PostgreSQL 17+)."""
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            wal = await conn.fetchrow("SELECT wal_bytes, wal_fpi FROM pg_stat_wal")
+            ckpt = await conn.fetchrow(
+                "SELECT num_timed + num_requested AS checkpoints, buffers_written "
+                "FROM pg_stat_checkpointer"
+            )
+            return {
+                "wal_mib": float(wal["wal_bytes"]) / MIB,
+                "wal_fpi": float(wal["wal_fpi"]),
+                "checkpoints": float(ckpt["checkpoints"]),
+                "checkpoint_buffers": float(ckpt["buffers_written"]),
+            }
+        except asyncpg.PostgresError:  # older servers name these differently
+            return {}
+        finally:
+            await conn.close()
+
     async def last_run(self) -> dict[str, Any]:
         conn = await asyncpg.connect(self.database_url)
         try:
@@ -381,6 +401,7 @@ class Bench:
                 self.database_url,
                 self.api_url,
             ]
+        counters_before = await self.server_counters()
         await asyncio.to_thread(settle_backends, self.pids["postgres"])
         cpu_before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         busy_before = machine_busy_s()
@@ -392,6 +413,7 @@ class Bench:
         if child["exit_code"] != 0:
             print(output[-4000:], file=sys.stderr)
             raise SystemExit(f"{mode} child exited with {child['exit_code']}")
+        counters_after = await self.server_counters()
         stats = await self.control("stats")
         result: dict[str, Any] = {
             "mode": mode,
@@ -410,6 +432,11 @@ class Bench:
             "sandbox_identifiers": stats["identifiers_received"],
             "sandbox_max_in_flight": stats["max_in_flight"],
             "inbox_left": await self.inbox_left(),
+            "postgres": {
+                name: round(counters_after[name] - value, 1)
+                for name, value in counters_before.items()
+                if name in counters_after
+            },
         }
         if mode == "syncd":
             run = await self.last_run()
@@ -552,6 +579,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
         if r.get("phases"):
             print(f"{r['mode']} phases (s): {json.dumps(r['phases'])}")
+        if r.get("postgres"):
+            print(f"{r['mode']} postgres: {json.dumps(r['postgres'])}")
 
 
 async def run_modes(bench: Bench, modes: list[str]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -45,10 +45,13 @@ class CliResult:
 class Cli:
     """A running `python -m syncd ...`; its output is read all along (pipes never fill)."""
 
+    running: ClassVar[set[Cli]] = set()  # started and not finished yet: see reap()
+
     def __init__(self, proc: asyncio.subprocess.Process, started: float) -> None:
         self.proc = proc
         self.started = started
         self._io = asyncio.ensure_future(proc.communicate())
+        Cli.running.add(self)
 
     @classmethod
     async def start(cls, env: Mapping[str, str], *args: str) -> Cli:
@@ -74,14 +77,25 @@ class Cli:
         except TimeoutError:
             self.proc.kill()
             out, err = await self._io
+            Cli.running.discard(self)
             raise AssertionError(
                 f"syncd did not exit within {limit_s} s\nstdout:\n{out.decode()}\n"
                 f"stderr:\n{err.decode()}"
             ) from None
+        Cli.running.discard(self)
         assert self.proc.returncode is not None
         return CliResult(
             self.proc.returncode, out.decode(), err.decode(), time.monotonic() - self.started
         )
+
+    @classmethod
+    async def reap(cls) -> None:
+        """Kill and wait for every process a failed test left running."""
+        for cli in list(cls.running):
+            if cli.proc.returncode is None:
+                cli.proc.kill()
+            await cli._io
+            cls.running.discard(cli)
 
 
 async def run_cli(env: Mapping[str, str], *args: str, limit_s: float = 60.0) -> CliResult:
