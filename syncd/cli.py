@@ -115,6 +115,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 async def _sync(settings: Settings, stop: asyncio.Event) -> int:
     summary = await sync_once(settings, stop=stop)
     print(report.run_summary(summary))
+    if summary.aborted:  # a settings problem: said on stderr like any other
+        print(f"syncd: {summary.error}", file=sys.stderr)
     return summary.exit_code
 
 

@@ -57,7 +57,7 @@ _ALIASES = {"phone": "phonenumber", "customerid": "customerid", "mobileadid": "m
 def parse_type(raw: str, api: str) -> IdentifierType:
     """The identifier type a user named, if the API accepts it; UsageError otherwise."""
     if api not in APIS:
-        raise UsageError(f"unknown API {raw!r}; use one of {', '.join(APIS)}")
+        raise UsageError(f"unknown API {api!r}; use one of {', '.join(APIS)}")
     key = raw.strip().lower().replace("_", "").replace("-", "")
     found = TYPES.get(_ALIASES.get(key, key))
     if found is None:

@@ -65,18 +65,15 @@ class Chunk:
 class Cooldown:
     """One shared back-off: when Criteo answers 429, every sender waits, not just one."""
 
-    def __init__(self, sleep: Sleep, clock: Callable[[], float] = time.monotonic) -> None:
-        self._sleep = sleep
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._until = 0.0
 
     def trip(self, delay_s: float) -> None:
         self._until = max(self._until, self._clock() + delay_s)
 
-    async def wait(self) -> None:
-        remaining = self._until - self._clock()
-        if remaining > 0:
-            await self._sleep(remaining)
+    def remaining_s(self) -> float:
+        return max(0.0, self._until - self._clock())
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -94,13 +91,15 @@ class Pusher:
         settings: Settings,
         run_id: int,
         sleep: Sleep = asyncio.sleep,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._pool = pool
         self._client = client
         self._settings = settings
         self._run_id = run_id
         self._sleep = sleep
-        self.cooldown = Cooldown(sleep)
+        self._stop = stop or asyncio.Event()
+        self.cooldown = Cooldown()
 
     async def claim(self) -> Chunk | None:
         async with self._pool.acquire() as conn:
@@ -112,9 +111,14 @@ class Pusher:
         started = datetime.now(UTC)
         clock = time.monotonic()
         attempts = 0
-        s = self._settings
+        wait_s = 0.0
+        last_error: CriteoError | None = None
         while True:
-            await self.cooldown.wait()
+            if not await self._pause(max(wait_s, self.cooldown.remaining_s())):
+                # Stopping: a chunk waiting for its next attempt goes back untouched.
+                return await self._finish(
+                    chunk, "pending", "released", started, attempts, error=last_error
+                )
             if not await self._renew_lease(chunk):
                 return await self._lease_lost(chunk, started, attempts, None)
             attempts += 1
@@ -122,6 +126,19 @@ class Pusher:
                 result = await self._client.amend(
                     chunk.target, chunk.operation, chunk.identifiers_json, f"syncd-chunk-{chunk.id}"
                 )
+            except RetryableError as exc:
+                last_error = exc
+                decision, wait_s = self._after_retryable(chunk, exc, attempts)
+                if decision == "failed":
+                    return await self._finish(
+                        chunk, "failed", "failed", started, attempts, error=exc
+                    )
+                if decision == "deferred":
+                    # Too long to hold a slot: the chunk goes back with a due time instead.
+                    return await self._finish(
+                        chunk, "pending", "deferred", started, attempts, error=exc, delay_s=wait_s
+                    )
+                continue
             except RunAbortingError as exc:
                 # Not this chunk's fault: hand it back untouched, then stop the run.
                 await self._finish(chunk, "pending", "released", started, attempts, error=exc)
@@ -132,32 +149,6 @@ class Pusher:
                 return await self._finish(chunk, "failed", "failed", started, attempts, error=exc)
             except PermanentError as exc:
                 return await self._finish(chunk, "failed", "failed", started, attempts, error=exc)
-            except RetryableError as exc:
-                delay = exc.retry_after_s
-                if exc.status == 429:
-                    self.cooldown.trip(delay if delay is not None else s.retry_base_s)
-                if attempts >= s.max_attempts:
-                    return await self._finish(
-                        chunk, "failed", "failed", started, attempts, error=exc
-                    )
-                if delay is None:
-                    delay = backoff_s(attempts, s.retry_base_s, s.retry_max_wait_s)
-                if delay > s.retry_max_wait_s:
-                    # Too long to hold a slot: the chunk goes back with a due time instead.
-                    return await self._finish(
-                        chunk, "pending", "deferred", started, attempts, error=exc, delay_s=delay
-                    )
-                log.info(
-                    "chunk_retry",
-                    chunk_id=chunk.id,
-                    segment_key=chunk.segment_key,
-                    attempt=attempts,
-                    status=exc.status,
-                    error_code=exc.code,
-                    delay_s=round(delay, 3),
-                )
-                await self._sleep(delay)
-                continue
             outcome = await self._finish(chunk, "done", "acknowledged", started, attempts, result)
             log.info(
                 "chunk_pushed",
@@ -172,6 +163,41 @@ class Pusher:
                 duration_ms=round((time.monotonic() - clock) * 1000),
             )
             return outcome
+
+    def _after_retryable(
+        self, chunk: Chunk, error: RetryableError, attempts: int
+    ) -> tuple[str, float]:
+        """('retry', wait), ('deferred', wait) or ('failed', 0) after a retryable error."""
+        s = self._settings
+        wait_s = error.retry_after_s
+        if error.status == 429:
+            self.cooldown.trip(wait_s if wait_s is not None else s.retry_base_s)
+        if attempts >= s.max_attempts:
+            return "failed", 0.0
+        if wait_s is None:
+            wait_s = backoff_s(attempts, s.retry_base_s, s.retry_max_wait_s)
+        if wait_s > s.retry_max_wait_s:
+            return "deferred", wait_s
+        log.info(
+            "chunk_retry",
+            chunk_id=chunk.id,
+            segment_key=chunk.segment_key,
+            attempt=attempts,
+            status=error.status,
+            error_code=error.code,
+            delay_s=round(wait_s, 3),
+        )
+        return "retry", wait_s
+
+    async def _pause(self, delay_s: float) -> bool:
+        """Wait, unless the run is told to stop first; False when stopping."""
+        if delay_s > 0 and not self._stop.is_set():
+            sleeper = asyncio.ensure_future(self._sleep(delay_s))
+            stopper = asyncio.ensure_future(self._stop.wait())
+            _, pending = await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        return not self._stop.is_set()
 
     async def release(self) -> int:
         """Hand back every chunk this run claimed and did not finish (clean stop)."""

@@ -70,8 +70,8 @@ class SyncRun:
         self.settings = settings
         self.pool = pool
         self.run_id = run_id
-        self.pusher = Pusher(pool, client, settings, run_id, sleep)
         self.stop = stop or asyncio.Event()
+        self.pusher = Pusher(pool, client, settings, run_id, sleep, self.stop)
         self.abort_error: RunAbortingError | None = None
         self._planning_done = False
         self._in_flight = 0

@@ -636,14 +636,6 @@ async def test_sigterm_stops_cleanly_and_releases_claims(
     assert await run_statuses(conn) == ["interrupted", "succeeded"]
 
 
-@pytest.mark.xfail(
-    reason="SIGTERM is not honoured while a chunk waits to be retried: Pusher.push "
-    "(syncd/push.py) sleeps the whole Retry-After/backoff (up to SYNCD_RETRY_MAX_WAIT_S, "
-    "30 s by default) and the Cooldown wait without looking at the run's stop event, then "
-    "sends the chunk again and keeps retrying up to SYNCD_MAX_ATTEMPTS; a run told to stop "
-    "can outlive systemd's TimeoutStopSec=120 and be SIGKILLed",
-    strict=True,
-)
 async def test_sigterm_during_a_retry_wait_stops_at_once(
     env: dict[str, str], conn: Any, sandbox: RunningSandbox
 ) -> None:
