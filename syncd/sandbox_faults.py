@@ -2,10 +2,14 @@
 
 ``syncd.sandbox`` is the Criteo look-alike; this module decides how long it waits before
 answering an amendment, whether that amendment fails and how (scripted one-shot faults
-first, then random ones), whether the per-minute budget allows a call, and serves the
-``/_sandbox/`` control endpoints (no auth) that seed segments, script faults, expire
-tokens, report counters and reset. It also holds the Criteo-style error answers, since
-faults answer with them too.
+first, then random ones), holds the run-time knobs (including the per-minute budget,
+which ``syncd.sandbox_state.RateLimiter`` counts), and serves the ``/_sandbox/`` control
+endpoints (no auth) that seed segments, script faults, expire tokens, report counters
+and reset. It also holds the Criteo-style error answers, since faults answer with them
+too.
+
+It imports the state model only for type checking: ``syncd.sandbox_state`` builds its
+:class:`FaultInjector` from here, and a run-time import back would be a cycle.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import asyncio
 import json
 import math
 import random
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -25,14 +28,13 @@ import structlog
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from syncd.sandbox import SandboxConfig, SandboxState
+    from syncd.sandbox_state import SandboxConfig, SandboxState
 
 log = structlog.get_logger(__name__)
 
 SANDBOX_STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state")
 DROP_BEFORE = "before"
 DROP_AFTER = "after"
-_RATE_WINDOW_S = 60.0
 
 
 # --- Criteo-style error answers ------------------------------------------------------------
@@ -271,49 +273,6 @@ class FaultInjector:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.settings.to_json(), "script": [fault.to_json() for fault in self.script]}
-
-
-class RateLimiter:
-    """One budget per application: a fixed one-minute window opened by its first call.
-
-    Criteo documents ``x-ratelimit-reset`` as the epoch second when calls are allowed
-    again, which is what a fixed window gives; a sliding window would have no such time.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._window_start: float | None = None
-        self._used = 0
-
-    def reset(self) -> None:
-        self._window_start = None
-        self._used = 0
-
-    def _roll(self, now: float) -> float:
-        if self._window_start is None or now >= self._window_start + _RATE_WINDOW_S:
-            self._window_start = now
-            self._used = 0
-        return self._window_start
-
-    def acquire(self, limit: int) -> bool:
-        """Spend one call of the budget; False (and nothing spent) when it is used up."""
-        self._roll(self._clock())
-        if self._used >= limit:
-            return False
-        self._used += 1
-        return True
-
-    def retry_after_s(self) -> int:
-        start = self._roll(self._clock())
-        return max(1, math.ceil(start + _RATE_WINDOW_S - self._clock()))
-
-    def headers(self, limit: int) -> dict[str, str]:
-        start = self._roll(self._clock())
-        return {
-            "x-ratelimit-limit": str(limit),
-            "x-ratelimit-remaining": str(max(0, limit - self._used)),
-            "x-ratelimit-reset": str(math.ceil(start + _RATE_WINDOW_S)),
-        }
 
 
 class DroppedResponse(web.Response):

@@ -1,0 +1,267 @@
+"""The sandbox's state model: configuration, segments and their members, tokens, counters.
+
+One :class:`SandboxState` per application (``app[SANDBOX_STATE]``) holds everything a
+running sandbox remembers, and tests read it directly through ``RunningSandbox.state``.
+It also holds the per-minute budget (:class:`RateLimiter`): like the tokens, it is what
+the sandbox remembers between calls, while ``syncd.sandbox_faults`` owns the setting.
+
+This module knows nothing of routes or request bodies: the handlers in ``syncd.sandbox``
+and the Criteo rules in ``syncd.sandbox_contract`` act on it, never the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from syncd.sandbox_faults import FaultInjector
+
+RETAIL_MEDIA = "retail-media"
+MARKETING_SOLUTIONS = "marketing-solutions"
+LOG_SIZE = 10_000
+_RM_CONTACT_LIST_BASE = 523103620165619700  # above 2**53, as Criteo's ids are
+_RM_SEGMENT_BASE = 738406688413290496
+_MS_SEGMENT_BASE = 1000
+_RATE_WINDOW_S = 60.0
+
+# Canonical spellings per API, keyed by lower case: the SDK enums (Retail Media) and the
+# docs' enum (Marketing Solutions). Requests are matched case-insensitively.
+RM_TYPES = {
+    t.lower(): t for t in ("Email", "UserIdentifier", "IdentityLink", "CustomerId", "PhoneNumber")
+}
+MS_TYPES = {t.lower(): t for t in ("email", "madid", "identityLink", "gum", "phoneNumber")}
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    client_id: str = "sandbox-client"
+    client_secret: str = "sandbox-secret"  # noqa: S105 - a fixture credential, not a secret
+    token_ttl_s: int = 900
+    latency_ms: float = 0.0  # added to every amendment/clear/stats request
+    latency_jitter_ms: float = 0.0  # uniform extra 0..jitter
+    # Retail Media add-remove answer: "docs" (counts under data.attributes), "sdk"
+    # (counts directly under data), "alternate" (switch on every request).
+    response_shape: str = "alternate"
+    rate_limit_per_minute: int | None = None
+    fault_rate_5xx: float = 0.0
+    fault_rate_429: float = 0.0
+    fault_rate_drop: float = 0.0  # apply the amendment, then drop the connection
+    retry_after_s: float = 1.0
+    seed: int | None = None
+    keep_members: bool = True  # False: only count, to save memory in the benchmark
+
+    def __post_init__(self) -> None:
+        if self.response_shape not in ("docs", "sdk", "alternate"):
+            raise ValueError("response_shape must be 'docs', 'sdk' or 'alternate'")
+
+
+def now_iso() -> str:
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+@dataclass
+class Segment:
+    id: str
+    api: str
+    account_id: str  # Retail Media accountId, Marketing Solutions advertiserId
+    identifier_type: str | None  # canonical spelling; None: any (Marketing Solutions)
+    name: str
+    description: str | None
+    retailer_id: str | None
+    contact_list_id: int
+    created_at: str
+    members: set[str] = field(default_factory=set)
+    counted: int = 0  # the size when members are not kept
+
+    def size(self, keep_members: bool) -> int:
+        return len(self.members) if keep_members else self.counted
+
+    def entity(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "type": "ContactList",
+            "createdAt": self.created_at,
+            "updatedAt": self.created_at,
+        }
+        if self.api == RETAIL_MEDIA:
+            attrs |= {
+                "accountId": self.account_id,
+                "retailerId": self.retailer_id,
+                "createdById": None,
+                "channels": ["Offsite"],
+                "contactList": {
+                    "isReadOnly": False,
+                    "identifierType": self.identifier_type,
+                    "sharingStatus": "NotShared",
+                },
+            }
+        else:
+            attrs |= {"advertiserId": self.account_id, "contactList": {"isReadOnly": False}}
+        return {"id": self.id, "type": "AudienceSegment", "attributes": attrs}
+
+
+class RateLimiter:
+    """One budget per application: a fixed one-minute window opened by its first call.
+
+    Criteo documents ``x-ratelimit-reset`` as the epoch second when calls are allowed
+    again, which is what a fixed window gives; a sliding window would have no such time.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._window_start: float | None = None
+        self._used = 0
+
+    def reset(self) -> None:
+        self._window_start = None
+        self._used = 0
+
+    def _roll(self, now: float) -> float:
+        if self._window_start is None or now >= self._window_start + _RATE_WINDOW_S:
+            self._window_start = now
+            self._used = 0
+        return self._window_start
+
+    def acquire(self, limit: int) -> bool:
+        """Spend one call of the budget; False (and nothing spent) when it is used up."""
+        self._roll(self._clock())
+        if self._used >= limit:
+            return False
+        self._used += 1
+        return True
+
+    def retry_after_s(self) -> int:
+        start = self._roll(self._clock())
+        return max(1, math.ceil(start + _RATE_WINDOW_S - self._clock()))
+
+    def headers(self, limit: int) -> dict[str, str]:
+        start = self._roll(self._clock())
+        return {
+            "x-ratelimit-limit": str(limit),
+            "x-ratelimit-remaining": str(max(0, limit - self._used)),
+            "x-ratelimit-reset": str(math.ceil(start + _RATE_WINDOW_S)),
+        }
+
+
+class SandboxState:
+    """Everything the sandbox remembers: segments, members, tokens, counters, faults."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.faults = FaultInjector(config)
+        self.rate_limiter = RateLimiter()
+        self.tokens: dict[str, float] = {}  # token -> monotonic expiry
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget segments, members, counters and faults; tokens stay valid."""
+        self.segments: dict[str, Segment] = {}
+        self.token_requests = 0
+        self.requests: dict[str, Counter[str]] = {}
+        self.amendments_applied = 0
+        self.identifiers_received = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+        self._serial = 0
+        self._answers = 0  # Retail Media add-remove answers, for the alternating shape
+        self.faults.reset()
+        self.rate_limiter.reset()
+
+    def add_segment(
+        self,
+        api: str,
+        account_id: str,
+        identifier_type: str | None,
+        *,
+        segment_id: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        retailer_id: str | None = None,
+    ) -> Segment:
+        self._serial += 1
+        base = _RM_SEGMENT_BASE if api == RETAIL_MEDIA else _MS_SEGMENT_BASE
+        sid = segment_id or str(base + self._serial)
+        segment = Segment(
+            id=sid,
+            api=api,
+            account_id=account_id,
+            identifier_type=identifier_type,
+            name=name or f"sandbox segment {sid}",
+            description=description,
+            retailer_id=retailer_id,
+            contact_list_id=_RM_CONTACT_LIST_BASE + self._serial,
+            created_at=now_iso(),
+        )
+        self.segments[sid] = segment
+        return segment
+
+    def seed_segment(self, body: dict[str, Any]) -> Segment:
+        """A segment from a /_sandbox/segments body; ValueError if malformed, KeyError if taken."""
+        api = body.get("api")
+        if api not in (RETAIL_MEDIA, MARKETING_SOLUTIONS):
+            raise ValueError(f"api must be {RETAIL_MEDIA} or {MARKETING_SOLUTIONS}")
+        raw = body.get("identifier_type")
+        types = RM_TYPES if api == RETAIL_MEDIA else MS_TYPES
+        identifier_type = types.get(raw.lower()) if isinstance(raw, str) else None
+        if identifier_type is None and (raw is not None or api == RETAIL_MEDIA):
+            raise ValueError(f"identifier_type must be one of {', '.join(types.values())}")
+        segment_id = None if body.get("id") is None else str(body["id"])
+        if segment_id is not None and segment_id in self.segments:
+            raise KeyError(f"segment {segment_id} exists already")
+        name, retailer = body.get("name"), body.get("retailer_id")
+        return self.add_segment(
+            api,
+            str(body.get("account_id") or "1000"),
+            identifier_type,
+            segment_id=segment_id,
+            name=name if isinstance(name, str) else None,
+            retailer_id=None if retailer is None else str(retailer),
+        )
+
+    def next_shape(self) -> str:
+        shape = self.config.response_shape
+        if shape == "alternate":
+            shape = "docs" if self._answers % 2 == 0 else "sdk"
+        self._answers += 1
+        return shape
+
+    def issue_token(self) -> str:
+        token = secrets.token_urlsafe(32)
+        self.tokens[token] = time.monotonic() + self.config.token_ttl_s
+        return token
+
+    def check_token(self, header: str | None) -> str | None:
+        """None when the Authorization header holds a live token, else the error code."""
+        scheme, _, token = (header or "").partition(" ")
+        expiry = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if expiry is None:
+            return "authorization-token-invalid"
+        if time.monotonic() >= expiry:
+            return "authorization-token-expired"
+        return None
+
+    def expire_tokens(self) -> None:
+        self.tokens = dict.fromkeys(self.tokens, 0.0)
+
+    def count(self, endpoint: str, status: str) -> None:
+        self.requests.setdefault(endpoint, Counter())[status] += 1
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "token_requests": self.token_requests,
+            "requests": {name: dict(c) for name, c in self.requests.items()},
+            "amendments_applied": self.amendments_applied,
+            "identifiers_received": self.identifiers_received,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "log": list(self.log),
+        }
