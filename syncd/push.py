@@ -76,6 +76,29 @@ class Cooldown:
         return max(0.0, self._until - self._clock())
 
 
+class Pacer:
+    """A token bucket over Criteo's per-app budget (about 250 calls a minute): a minute's
+    worth of calls may go at once, then calls are spaced evenly. Pacing below the limit
+    beats bouncing off 429s."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = per_minute / 60.0
+        self._capacity = float(per_minute)
+        self._tokens = float(per_minute)
+        self._clock = clock
+        self._last = clock()
+
+    def reserve(self) -> float:
+        """Take one call from the budget; return how long to wait before making it."""
+        if self._rate <= 0:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        self._tokens -= 1.0  # below zero: calls already queued for later
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Capped exponential backoff with full jitter: uniform(0, min(cap, base * 2^(n-1)))."""
     return random.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
@@ -100,6 +123,7 @@ class Pusher:
         self._sleep = sleep
         self._stop = stop or asyncio.Event()
         self.cooldown = Cooldown()
+        self.pacer = Pacer(settings.rate_limit_per_min)
 
     async def claim(self) -> Chunk | None:
         async with self._pool.acquire() as conn:
@@ -114,7 +138,8 @@ class Pusher:
         wait_s = 0.0
         last_error: CriteoError | None = None
         while True:
-            if not await self._pause(max(wait_s, self.cooldown.remaining_s())):
+            wait_s = max(wait_s, self.cooldown.remaining_s(), self.pacer.reserve())
+            if not await self._pause(wait_s):
                 # Stopping: a chunk waiting for its next attempt goes back untouched.
                 return await self._finish(
                     chunk, "pending", "released", started, attempts, error=last_error

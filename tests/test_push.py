@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from syncd import segments
 from syncd.config import Settings
 from syncd.criteo import parse_amendment, retry_after_s
-from syncd.push import backoff_s
+from syncd.push import Pacer, backoff_s
 from syncd.run import sync_once
 from syncd.sandbox import RunningSandbox
 
@@ -211,3 +211,14 @@ async def test_logs_carry_no_identifier_or_secret(
     assert {"run_started", "segment_planned", "chunk_retry", "chunk_pushed", "run_finished"} <= {
         e["event"] for e in logs
     }
+
+
+def test_pacer_allows_a_burst_then_spaces_calls() -> None:
+    now = [0.0]
+    pacer = Pacer(60, clock=lambda: now[0])  # one a second, a minute's worth at once
+    assert [pacer.reserve() for _ in range(60)] == [0.0] * 60
+    assert pacer.reserve() == pytest.approx(1.0)  # the 61st waits a second
+    assert pacer.reserve() == pytest.approx(2.0)  # and the next one more
+    now[0] = 10.0
+    assert pacer.reserve() == 0.0  # ten seconds refilled ten calls, two were owed
+    assert Pacer(0).reserve() == 0.0  # 0 turns pacing off
