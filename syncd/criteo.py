@@ -152,7 +152,7 @@ class CriteoClient:
         return f"{base}/retail-media/audience-segments/{target.segment_id}/contact-list/add-remove"
 
     async def amend(
-        self, target: Target, operation: str, identifiers_json: str, idempotency_key: str
+        self, target: Target, operation: str, identifiers_json: bytes, idempotency_key: str
     ) -> AmendmentResult:
         """Send one add or remove request; re-send once with a new token after a 401."""
         body = amendment_body(target, operation, identifiers_json)
@@ -235,11 +235,11 @@ class CriteoClient:
         )
 
 
-def amendment_body(target: Target, operation: str, identifiers_json: str) -> bytes:
+def amendment_body(target: Target, operation: str, identifiers_json: bytes) -> bytes:
     """The request body, with the identifiers spliced in as the JSON PostgreSQL encoded.
 
-    The 50,000 identifiers arrive as one JSON array string (array_to_json in the claim
-    query), so they never become 50,000 Python objects.
+    The 50,000 identifiers arrive as one UTF-8 JSON array (array_to_json in the claim
+    query), so they never become 50,000 Python objects, nor even one decoded string.
     """
     attributes: dict[str, Any] = {
         "operation": operation,
@@ -250,7 +250,7 @@ def amendment_body(target: Target, operation: str, identifiers_json: str) -> byt
     kind = "ContactlistAmendment" if target.api == MARKETING_SOLUTIONS else "AddRemoveContactlist"
     head = json.dumps({"data": {"type": kind, "attributes": attributes}})
     assert head.endswith("}}}")
-    return (head[:-3] + ', "identifiers": ' + identifiers_json + "}}}").encode()
+    return b"".join((head[:-3].encode(), b', "identifiers": ', identifiers_json, b"}}}"))
 
 
 def parse_amendment(status: int, payload: dict[str, Any]) -> AmendmentResult:

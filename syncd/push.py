@@ -40,7 +40,7 @@ class Chunk:
     segment_key: str
     operation: str
     identifier_count: int
-    identifiers_json: str
+    identifiers_json: bytes
     target: Target
 
     @classmethod
@@ -51,7 +51,7 @@ class Chunk:
             segment_key=row["segment_key"],
             operation=row["operation"],
             identifier_count=row["identifier_count"],
-            identifiers_json=row["identifiers_json"] or "[]",
+            identifiers_json=row["identifiers_json"] or b"[]",
             target=Target(
                 api=row["api"],
                 segment_id=row["criteo_segment_id"],

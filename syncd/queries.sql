@@ -182,7 +182,7 @@ WHERE id = $1;
 -- Claim the next chunk this run may send, in one short statement:
 --   pending and due, or claimed by a run whose lease ran out or whose process is gone;
 --   and no chunk of an earlier plan of the same segment still open (order per segment).
--- Returns the chunk, its link, and its identifiers already encoded as a JSON array.
+-- Returns the chunk, its link, and its identifiers already encoded as a UTF-8 JSON array.
 WITH next AS (
     SELECT c.id
     FROM syncd.chunks c
@@ -205,7 +205,7 @@ SET state = 'claimed', owner_run_id = $1, lease_until = now() + make_interval(se
 FROM next, syncd.segments s
 WHERE c.id = next.id AND s.segment_key = c.segment_key
 RETURNING c.id, c.plan_id, c.segment_key, c.operation, c.identifier_type, c.identifier_count,
-    array_to_json(c.identifiers)::text AS identifiers_json,
+    convert_to(array_to_json(c.identifiers)::text, 'UTF8') AS identifiers_json,
     s.api, s.criteo_segment_id, s.account_id, s.gum_caller_id;
 
 -- name: extend_lease
