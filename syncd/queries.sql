@@ -144,7 +144,8 @@ WITH consumed AS (
     FROM normalised WHERE reason IS NOT NULL
     RETURNING 1
 ), net AS (
-    SELECT syncd.identifier_to_send(canon, $3, $4) AS value,
+    -- COLLATE "C": values are compared byte for byte, never through the locale.
+    SELECT syncd.identifier_to_send(canon, $3, $4) COLLATE "C" AS value,
         max(id * 2 + (operation = 'add')::int) % 2 = 1 AS is_add
     FROM normalised
     WHERE reason IS NULL
