@@ -151,11 +151,9 @@ class CriteoClient:
             return f"{base}/marketing-solutions/audience-segments/{target.segment_id}/contact-list"
         return f"{base}/retail-media/audience-segments/{target.segment_id}/contact-list/add-remove"
 
-    async def amend(
-        self, target: Target, operation: str, identifiers_json: bytes, idempotency_key: str
-    ) -> AmendmentResult:
-        """Send one add or remove request; re-send once with a new token after a 401."""
-        body = amendment_body(target, operation, identifiers_json)
+    async def amend(self, target: Target, body: bytes, idempotency_key: str) -> AmendmentResult:
+        """Send one add or remove request (see amendment_body); re-send once with a new
+        token after a 401."""
         for attempt in (1, 2):
             token = await self.token(force=attempt == 2)
             result = await self._send(target, body, token, idempotency_key)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncd.config import Settings
-from syncd.criteo import AmendmentResult, CriteoClient, Target
+from syncd.criteo import AmendmentResult, CriteoClient, Target, amendment_body
 from syncd.db import query
 from syncd.errors import (
     CriteoError,
@@ -40,25 +40,28 @@ class Chunk:
     segment_key: str
     operation: str
     identifier_count: int
-    identifiers_json: bytes
     target: Target
+    # The request body, built once at claim time: the only copy of the payload this
+    # process holds (the claimed row's bytes are dropped with the row).
+    body: bytes
 
     @classmethod
     def from_row(cls, row: Any) -> Chunk:
+        target = Target(
+            api=row["api"],
+            segment_id=row["criteo_segment_id"],
+            identifier_type=row["identifier_type"],
+            account_id=row["account_id"],
+            gum_caller_id=row["gum_caller_id"],
+        )
         return cls(
             id=row["id"],
             plan_id=row["plan_id"],
             segment_key=row["segment_key"],
             operation=row["operation"],
             identifier_count=row["identifier_count"],
-            identifiers_json=row["identifiers_json"] or b"[]",
-            target=Target(
-                api=row["api"],
-                segment_id=row["criteo_segment_id"],
-                identifier_type=row["identifier_type"],
-                account_id=row["account_id"],
-                gum_caller_id=row["gum_caller_id"],
-            ),
+            target=target,
+            body=amendment_body(target, row["operation"], row["identifiers_json"] or b"[]"),
         )
 
 
@@ -149,7 +152,7 @@ class Pusher:
             attempts += 1
             try:
                 result = await self._client.amend(
-                    chunk.target, chunk.operation, chunk.identifiers_json, f"syncd-chunk-{chunk.id}"
+                    chunk.target, chunk.body, f"syncd-chunk-{chunk.id}"
                 )
             except RetryableError as exc:
                 last_error = exc
