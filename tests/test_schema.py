@@ -16,8 +16,8 @@ from syncd.errors import MigrationError
 async def test_migrate_is_idempotent_and_recorded(empty_database_url: str) -> None:
     conn = await asyncpg.connect(empty_database_url)
     try:
-        assert await db.pending_migrations(conn) == ["0001_init.sql"]
-        assert await db.migrate(conn) == ["0001_init.sql"]
+        assert await db.pending_migrations(conn) == ["0001_init.sql", "0002_partition_inbox.sql"]
+        assert await db.migrate(conn) == ["0001_init.sql", "0002_partition_inbox.sql"]
         assert await db.migrate(conn) == []
         rows = await conn.fetch("SELECT version, checksum FROM syncd.schema_migrations")
         assert [(r["version"], r["checksum"]) for r in rows] == [
@@ -31,8 +31,8 @@ async def test_concurrent_migrations_apply_once(empty_database_url: str) -> None
     conns = [await asyncpg.connect(empty_database_url) for _ in range(5)]
     try:
         results = await asyncio.gather(*(db.migrate(c) for c in conns))
-        assert sorted(len(r) for r in results) == [0, 0, 0, 0, 1]
-        assert await conns[0].fetchval("SELECT count(*) FROM syncd.schema_migrations") == 1
+        assert sorted(len(r) for r in results) == [0, 0, 0, 0, 2]
+        assert await conns[0].fetchval("SELECT count(*) FROM syncd.schema_migrations") == 2
     finally:
         for c in conns:
             await c.close()
@@ -85,3 +85,35 @@ def test_every_named_query_is_loaded() -> None:
     names = db.load_queries()
     assert {"plan_segment", "claim_chunk", "finish_chunk", "split_chunk"} <= set(names)
     assert all(body.strip() for body in names.values())
+
+
+async def test_partitioning_the_inbox_keeps_waiting_changes(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """0002 moves changes already waiting into the partitioned inbox, ids and all."""
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "0001_init.sql").write_text((db.migrations_dir() / "0001_init.sql").read_text())
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await db.migrate(conn, first)
+        await conn.execute(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "SELECT 'k' || (g % 3), 'u' || g || '@x.com', 'add' FROM generate_series(1, 50) g"
+        )
+        before = await conn.fetch("SELECT * FROM syncd.membership_changes ORDER BY id")
+        assert await db.migrate(conn) == ["0002_partition_inbox.sql"]
+        after = await conn.fetch("SELECT * FROM syncd.membership_changes ORDER BY id")
+        assert [dict(r) for r in after] == [dict(r) for r in before]
+        new_id = await conn.fetchval(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "VALUES ('k1', 'new@x.com', 'remove') RETURNING id"
+        )
+        assert new_id == before[-1]["id"] + 1
+        partitions = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits "
+            "WHERE inhparent = 'syncd.membership_changes'::regclass"
+        )
+        assert partitions == 16
+    finally:
+        await conn.close()
