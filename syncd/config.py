@@ -89,7 +89,7 @@ class Settings:
             criteo_client_secret=Secret(client_secret),
             criteo_api_url=_get(e, "CRITEO_API_URL", _http_url, default="https://api.criteo.com"),
             criteo_api_version=_get(e, "CRITEO_API_VERSION", _api_version, DEFAULT_API_VERSION),
-            concurrency=_get(e, "SYNCD_CONCURRENCY", _int_in(1, 64), default=8),
+            concurrency=_get(e, "SYNCD_CONCURRENCY", _int_in(1, 16), default=8),
             chunk_size=_get(e, "SYNCD_CHUNK_SIZE", _int_in(1, MAX_CHUNK_SIZE), MAX_CHUNK_SIZE),
             plan_concurrency=_get(e, "SYNCD_PLAN_CONCURRENCY", _int_in(1, 16), default=2),
             http_timeout_s=_get(e, "SYNCD_HTTP_TIMEOUT_S", _float_in(0.1, 600), default=60.0),
