@@ -74,6 +74,13 @@ async def acknowledged_per_chunk(conn: Any) -> dict[int, int]:
     return {r["id"]: r["acks"] for r in rows}
 
 
+async def assert_every_chunk_acknowledged_once(conn: Any, chunks: int) -> None:
+    """All `chunks` chunks are done, and the audit acknowledges each exactly once."""
+    assert await chunk_states(conn) == {"done": chunks}
+    acks = await acknowledged_per_chunk(conn)
+    assert len(acks) == chunks and set(acks.values()) == {1}, acks
+
+
 async def run_statuses(conn: Any) -> list[str]:
     return [r["status"] for r in await conn.fetch("SELECT status FROM syncd.sync_runs ORDER BY id")]
 
@@ -339,11 +346,9 @@ async def test_kill_9_mid_run_then_the_next_run_finishes_without_resending(
         return sandbox.state.in_flight == 0
 
     await wait_until(sandbox_idle, 10, "the killed run's requests to drain")
-    assert await chunk_states(conn) == {"done": total}
+    await assert_every_chunk_acknowledged_once(conn, total)
     assert members(sandbox, "1001") == expected_members(changes, "a")
     assert members(sandbox, "1002") == expected_members(changes, "b")
-    acks = await acknowledged_per_chunk(conn)
-    assert len(acks) == total and set(acks.values()) == {1}, acks
 
     sent = requests_by_key(sandbox)
     chunk_ids = {r["id"] for r in await conn.fetch("SELECT id FROM syncd.chunks")}
@@ -375,9 +380,7 @@ async def test_two_concurrent_runs_send_each_chunk_once(
     for result in results:
         assert result.code == 0, result
 
-    assert await chunk_states(conn) == {"done": 40}
-    acks = await acknowledged_per_chunk(conn)
-    assert len(acks) == 40 and set(acks.values()) == {1}, acks
+    await assert_every_chunk_acknowledged_once(conn, 40)
     outcomes = Counter(r["outcome"] for r in await audit(conn))
     assert outcomes == {"acknowledged": 40}, outcomes
     chunk_ids = {r["id"] for r in await conn.fetch("SELECT id FROM syncd.chunks")}
@@ -594,8 +597,7 @@ async def test_an_expired_token_is_fetched_again(
     assert stats["token_requests"] >= 2, stats["token_requests"]
     assert stats["requests"]["rm_add_remove"].get("401", 0) >= 1, stats["requests"]
     assert members(sandbox, "1001") == expected_members(changes, "vip")
-    acks = await acknowledged_per_chunk(conn)
-    assert len(acks) == 4 and set(acks.values()) == {1}, acks
+    await assert_every_chunk_acknowledged_once(conn, 4)
 
 
 # --- 11. SIGTERM mid-run --------------------------------------------------------------------------
@@ -632,9 +634,7 @@ async def test_sigterm_stops_cleanly_and_releases_claims(
     await set_latency(sandbox, 0)
     again = await run_cli(env, "sync")
     assert again.code == 0, again
-    assert await chunk_states(conn) == {"done": 20}
-    acks = await acknowledged_per_chunk(conn)
-    assert len(acks) == 20 and set(acks.values()) == {1}, acks
+    await assert_every_chunk_acknowledged_once(conn, 20)
     assert members(sandbox, "1001") == expected_members(changes, "vip")
     assert await run_statuses(conn) == ["interrupted", "succeeded"]
 
