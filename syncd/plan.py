@@ -1,8 +1,9 @@
 """Plan: turn the inbox's visible changes into netted chunks, one segment per transaction.
 
 All of the set work (normalising, validating, hashing, netting, chunking) is one
-SQL statement (`plan_segment` in queries.sql). Segments are planned one transaction
-each, a few at a time, so pushing starts as soon as the first segment is planned.
+SQL statement (`plan_segment` in queries.sql); a plain DELETE in the same REPEATABLE
+READ transaction then consumes exactly the rows it read. Segments are planned one
+transaction each, a few at a time, so pushing starts as soon as the first is planned.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+
 from syncd.db import query
+from syncd.errors import SyncdError
 from syncd.logging import get_logger
 
 log = get_logger(__name__)
+
+# A plan meets a serialization failure only when something other than syncd deleted or
+# updated inbox rows it read (the CRM only inserts); it then simply plans again.
+PLAN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,39 @@ class SegmentPlan:
 async def plan_segment(
     conn: Any, run_id: int, segment_key: str, identifier_type: str, send_as: str, chunk_size: int
 ) -> SegmentPlan:
-    """Plan one segment in the caller's transaction (commit to keep, roll back to preview)."""
-    # Serialise plans of one segment: plan ids then order its changes.
+    """Plan one segment in a transaction of its own and commit it: its changes leave the
+    inbox and its chunks are in the outbox, or nothing happened."""
+    # Serialise plans of one segment (plan ids then order its changes), before the
+    # transaction starts, so its snapshot sees what the previous plan consumed.
     await conn.execute(query("lock_segment_plan"), segment_key)
+    try:
+        for attempt in range(1, PLAN_ATTEMPTS + 1):
+            try:
+                async with conn.transaction(isolation="repeatable_read"):
+                    plan = await _plan(
+                        conn, run_id, segment_key, identifier_type, send_as, chunk_size
+                    )
+                    deleted = await conn.execute(query("consume_segment"), segment_key)
+                    if int(deleted.split()[-1]) != plan.changes_consumed:
+                        # Cannot happen under REPEATABLE READ; never commit it if it does.
+                        raise SyncdError(
+                            f"plan of {segment_key!r} read {plan.changes_consumed} changes "
+                            f"but would consume {deleted.split()[-1]}; rolled back"
+                        )
+                    return plan
+            except asyncpg.SerializationError:
+                if attempt == PLAN_ATTEMPTS:
+                    raise
+                log.warning("plan_retried", segment_key=segment_key, attempt=attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+    finally:
+        await conn.execute(query("unlock_segment_plan"), segment_key)
+
+
+async def _plan(
+    conn: Any, run_id: int, segment_key: str, identifier_type: str, send_as: str, chunk_size: int
+) -> SegmentPlan:
+    """Write one segment's plan row, chunks and rejections in the caller's transaction."""
     await conn.execute(query("plan_work_mem"))
     plan_id = await conn.fetchval(query("create_plan"), run_id, segment_key)
     row = await conn.fetchrow(
@@ -81,7 +119,7 @@ async def plan_all(
         async with gate:
             if should_stop():
                 return
-            async with pool.acquire() as conn, conn.transaction():
+            async with pool.acquire() as conn:
                 plan = await plan_segment(
                     conn,
                     run_id,
@@ -110,15 +148,16 @@ async def plan_all(
 
 
 async def preview(conn: Any, chunk_size: int) -> list[SegmentPlan]:
-    """What a sync would send now: the real plan, in a transaction that is rolled back."""
+    """What a sync would send now: the real plan, in a transaction that is rolled back
+    (nothing is consumed, so it takes no lock and never waits for a running sync)."""
     plans = []
-    tx = conn.transaction()
+    tx = conn.transaction(isolation="repeatable_read")
     await tx.start()
     try:
         run = await conn.fetchrow(query("start_run"), "plan", socket.gethostname(), os.getpid())
         for segment in await conn.fetch(query("segments_to_plan")):
             plans.append(
-                await plan_segment(
+                await _plan(
                     conn,
                     run["id"],
                     segment["segment_key"],

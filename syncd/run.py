@@ -86,12 +86,12 @@ class SyncRun:
                     self.run_id,
                     self.settings.chunk_size,
                     self.settings.plan_concurrency,
-                    on_planned=lambda _: self._notify(),
+                    on_planned=lambda planned: self._notify(planned.chunks),
                     should_stop=self.stop.is_set,
                 )
             finally:
                 self._planning_done = True
-                await self._notify()
+                await self._notify(self.settings.concurrency)
 
         async with asyncio.TaskGroup() as group:
             group.create_task(planner())
@@ -106,9 +106,13 @@ class SyncRun:
             chunk = await self.pusher.claim()
             if chunk is None:
                 if not await self._should_wait():
+                    await self._notify(self.settings.concurrency)  # the others end too
                     return
                 await self._wait_for_progress()
                 continue
+            # There may be more: wake one more idle worker to look (a cascade, rather
+            # than every idle worker querying at every event).
+            await self._notify(1)
             self._in_flight += 1
             try:
                 await self.pusher.push(chunk)
@@ -117,7 +121,7 @@ class SyncRun:
                 self.stop.set()
             finally:
                 self._in_flight -= 1
-                await self._notify()
+                await self._notify(1)  # it may have unblocked a later plan's chunk
 
     async def _should_wait(self) -> bool:
         """Nothing claimable now: wait if more may come (planning, our pushes, other runs)."""
@@ -131,9 +135,10 @@ class SyncRun:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), IDLE_POLL_S)
 
-    async def _notify(self) -> None:
+    async def _notify(self, workers: int) -> None:
+        """Wake up to `workers` idle workers (new chunks, a finished push, the end)."""
         async with self._progress:
-            self._progress.notify_all()
+            self._progress.notify(workers)
 
 
 async def sync_once(

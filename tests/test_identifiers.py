@@ -19,6 +19,8 @@ HEX64 = sha("already@hashed.com")
 CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
     ("  Jane.Doe@Example.COM \n", "email", "sha256", (sha("jane.doe@example.com"), None)),
     ("Jane.Doe@Example.COM", "email", "plain", ("jane.doe@example.com", None)),
+    # Non-ASCII takes the database collation's lower() (ASCII a byte-wise one).
+    (" Émile.Zoë@Exemple.FR", "email", "plain", ("émile.zoë@exemple.fr", None)),
     (HEX64.upper(), "email", "sha256", (HEX64, None)),  # never hashed twice
     (
         "0cc175b9c0f1b6a831c399e269772661",

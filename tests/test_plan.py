@@ -37,10 +37,9 @@ async def new_run(conn: Any) -> int:
 async def plan_one(conn: Any, key: str, chunk_size: int = 50_000) -> plan.SegmentPlan:
     run_id = await new_run(conn)
     seg = await conn.fetchrow("SELECT * FROM syncd.segments WHERE segment_key = $1", key)
-    async with conn.transaction():
-        return await plan.plan_segment(
-            conn, run_id, key, seg["identifier_type"], seg["send_as"], chunk_size
-        )
+    return await plan.plan_segment(
+        conn, run_id, key, seg["identifier_type"], seg["send_as"], chunk_size
+    )
 
 
 async def chunk_payloads(conn: Any, key: str) -> dict[str, set[str]]:
@@ -156,6 +155,38 @@ async def test_late_committed_change_is_consumed_by_the_next_plan(
     assert (first.adds, second.adds) == (1, 1)
     payloads = await chunk_payloads(conn, "vip")
     assert payloads["add"] == {sha("early@x.com"), sha("later@x.com")}
+
+
+async def test_change_committed_during_a_plan_waits_for_the_next(
+    conn: Any, database_url: str, monkeypatch: Any
+) -> None:
+    """A change that commits after the plan read the inbox but before it deleted what it
+    read is neither planned nor deleted: the next plan takes it."""
+    await link(conn, "vip")
+    await add_changes(conn, [("vip", "first@x.com", "add")])
+    crm = await asyncpg.connect(database_url)
+    real_plan = plan._plan
+
+    async def plan_then_crm_commits(*args: Any) -> plan.SegmentPlan:
+        result = await real_plan(*args)
+        await crm.execute(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "VALUES ('vip', 'during@x.com', 'add')"
+        )
+        return result
+
+    monkeypatch.setattr(plan, "_plan", plan_then_crm_commits)
+    try:
+        first = await plan_one(conn, "vip")
+    finally:
+        monkeypatch.setattr(plan, "_plan", real_plan)
+        await crm.close()
+    left = await conn.fetch("SELECT identifier FROM syncd.membership_changes")
+    assert [r["identifier"] for r in left] == ["during@x.com"]
+    second = await plan_one(conn, "vip")
+    assert (first.changes_consumed, second.changes_consumed) == (1, 1)
+    payloads = await chunk_payloads(conn, "vip")
+    assert payloads["add"] == {sha("first@x.com"), sha("during@x.com")}
 
 
 async def test_preview_changes_nothing(conn: Any) -> None:
