@@ -9,7 +9,6 @@ exception: the token is fetched again and the request re-sent once, here.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -151,7 +150,9 @@ class CriteoClient:
             return f"{base}/marketing-solutions/audience-segments/{target.segment_id}/contact-list"
         return f"{base}/retail-media/audience-segments/{target.segment_id}/contact-list/add-remove"
 
-    async def amend(self, target: Target, body: bytes, idempotency_key: str) -> AmendmentResult:
+    async def amend(
+        self, target: Target, body: AmendmentBody, idempotency_key: str
+    ) -> AmendmentResult:
         """Send one add or remove request (see amendment_body); re-send once with a new
         token after a 401."""
         for attempt in (1, 2):
@@ -167,7 +168,7 @@ class CriteoClient:
         )
 
     async def _send(
-        self, target: Target, body: bytes, token: str, idempotency_key: str
+        self, target: Target, body: AmendmentBody, token: str, idempotency_key: str
     ) -> AmendmentResult | None:
         method = "PATCH" if target.api == MARKETING_SOLUTIONS else "POST"
         headers = {
@@ -176,14 +177,15 @@ class CriteoClient:
             "Accept": "application/json",
             # The same key on every attempt of a chunk: a retry is recognisable as one.
             "Idempotency-Key": idempotency_key,
+            # Streamed with its size known: a plain request, not a chunked one.
+            "Content-Length": str(body.size),
         }
         self.requests_sent += 1
         try:
             async with self._session.request(
-                # A file-like body: aiohttp streams it (and warns about bytes over 1 MiB).
                 method,
                 self.amendment_url(target),
-                data=io.BytesIO(body),
+                data=body.pieces(),
                 headers=headers,
             ) as resp:
                 payload = await _read_json(resp)
@@ -233,12 +235,48 @@ class CriteoClient:
         )
 
 
-def amendment_body(target: Target, operation: str, identifiers_json: bytes) -> bytes:
-    """The request body, with the identifiers spliced in as the JSON PostgreSQL encoded.
+@dataclass(frozen=True)
+class AmendmentBody:
+    """One add/remove request body, streamed: a JSON envelope around the identifiers'
+    JSON array, whose bytes `identifiers()` yields in pieces, afresh for every attempt.
 
-    The 50,000 identifiers arrive as one UTF-8 JSON array (array_to_json in the claim
-    query), so they never become 50,000 Python objects, nor even one decoded string.
+    The size is known up front (Content-Length), so the request is a plain one, not
+    chunked, and the process never holds more than a piece of it.
     """
+
+    head: bytes
+    identifiers_bytes: int
+    identifiers: Callable[[], AsyncIterator[bytes]]
+    tail: bytes = b"}}}"
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + self.identifiers_bytes + len(self.tail)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        yield self.head
+        sent = 0
+        async for piece in self.identifiers():
+            sent += len(piece)
+            yield piece
+        if sent != self.identifiers_bytes:
+            # The payload went away (another run finished the chunk): abort the request.
+            raise RetryableError(
+                f"the chunk's payload changed while it was sent ({sent} of "
+                f"{self.identifiers_bytes} bytes)",
+                code="payload_changed",
+            )
+        yield self.tail
+
+
+def amendment_body(
+    target: Target,
+    operation: str,
+    identifiers_bytes: int,
+    identifiers: Callable[[], AsyncIterator[bytes]],
+) -> AmendmentBody:
+    """The request body around identifiers that arrive as UTF-8 JSON array bytes (as
+    PostgreSQL encoded them at plan time): they never become Python strings."""
     attributes: dict[str, Any] = {
         "operation": operation,
         "identifierType": wire_name(target.identifier_type, target.api),
@@ -248,7 +286,11 @@ def amendment_body(target: Target, operation: str, identifiers_json: bytes) -> b
     kind = "ContactlistAmendment" if target.api == MARKETING_SOLUTIONS else "AddRemoveContactlist"
     head = json.dumps({"data": {"type": kind, "attributes": attributes}})
     assert head.endswith("}}}")
-    return b"".join((head[:-3].encode(), b', "identifiers": ', identifiers_json, b"}}}"))
+    return AmendmentBody(
+        head=head[:-3].encode() + b', "identifiers": ',
+        identifiers_bytes=identifiers_bytes,
+        identifiers=identifiers,
+    )
 
 
 def parse_amendment(status: int, payload: dict[str, Any]) -> AmendmentResult:

@@ -1,8 +1,10 @@
 """Push: claim a chunk, send it with retries, finalise it with its audit row.
 
-Claims are short transactions (SKIP LOCKED + lease); the HTTP call holds no database
-connection; the finalise is one statement fenced by the lease, so a run that lost
-its chunk to another run writes nothing but a `lease_lost` audit row.
+Claims are short transactions (SKIP LOCKED + lease). A request body is streamed from
+the chunk's stored payload in slices while it is uploaded (one connection, no
+transaction, held for the upload only, not while Criteo answers), so memory does not
+depend on chunk sizes. The finalise is one statement fenced by the lease, so a run that
+lost its chunk to another run writes nothing but a `lease_lost` audit row.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from syncd.config import Settings
-from syncd.criteo import AmendmentResult, CriteoClient, Target, amendment_body
+from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amendment_body
 from syncd.db import query
 from syncd.errors import (
     CriteoError,
@@ -32,6 +34,10 @@ log = get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 
+# A request body is read from the database this many bytes at a time (about 3,900
+# hashed identifiers): what one request in flight holds in memory.
+PAYLOAD_SLICE_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -41,9 +47,8 @@ class Chunk:
     operation: str
     identifier_count: int
     target: Target
-    # The request body, built once at claim time: the only copy of the payload this
-    # process holds (the claimed row's bytes are dropped with the row).
-    body: bytes
+    # The size of the stored payload (a UTF-8 JSON array), streamed when sent.
+    payload_bytes: int
 
     @classmethod
     def from_row(cls, row: Any) -> Chunk:
@@ -61,7 +66,7 @@ class Chunk:
             operation=row["operation"],
             identifier_count=row["identifier_count"],
             target=target,
-            body=amendment_body(target, row["operation"], row["identifiers_json"] or b"[]"),
+            payload_bytes=row["payload_bytes"],
         )
 
 
@@ -140,6 +145,7 @@ class Pusher:
         attempts = 0
         wait_s = 0.0
         last_error: CriteoError | None = None
+        body = self._body(chunk)
         while True:
             wait_s = max(wait_s, self.cooldown.remaining_s(), self.pacer.reserve())
             if not await self._pause(wait_s):
@@ -151,9 +157,7 @@ class Pusher:
                 return await self._lease_lost(chunk, started, attempts, None)
             attempts += 1
             try:
-                result = await self._client.amend(
-                    chunk.target, chunk.body, f"syncd-chunk-{chunk.id}"
-                )
+                result = await self._client.amend(chunk.target, body, f"syncd-chunk-{chunk.id}")
             except RetryableError as exc:
                 last_error = exc
                 decision, wait_s = self._after_retryable(chunk, exc, attempts)
@@ -191,6 +195,21 @@ class Pusher:
                 duration_ms=round((time.monotonic() - clock) * 1000),
             )
             return outcome
+
+    def _body(self, chunk: Chunk) -> AmendmentBody:
+        """The chunk's request body, its identifiers read slice by slice as it is sent."""
+
+        async def identifiers() -> AsyncIterator[bytes]:
+            async with self._pool.acquire() as conn:
+                for start in range(1, chunk.payload_bytes + 1, PAYLOAD_SLICE_BYTES):
+                    piece = await conn.fetchval(
+                        query("payload_slice"), chunk.id, start, PAYLOAD_SLICE_BYTES, self._run_id
+                    )
+                    if not piece:
+                        return  # no longer ours: the body sees it short and aborts
+                    yield piece
+
+        return amendment_body(chunk.target, chunk.operation, chunk.payload_bytes, identifiers)
 
     def _after_retryable(
         self, chunk: Chunk, error: RetryableError, attempts: int

@@ -171,9 +171,11 @@ WITH normalised AS (
     FROM net
     WINDOW running AS (ROWS UNBOUNDED PRECEDING)
 ), chunks AS (
-    INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, identifiers,
+    -- The payload is stored as the bytes sent: a UTF-8 JSON array (see push.py).
+    INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
                               identifier_count)
-    SELECT $1, $2, CASE WHEN is_add THEN 'add' ELSE 'remove' END, $3, array_agg(value), count(*)
+    SELECT $1, $2, CASE WHEN is_add THEN 'add' ELSE 'remove' END, $3,
+        convert_to(array_to_json(array_agg(value))::text, 'UTF8'), count(*)
     FROM numbered
     GROUP BY is_add, chunk_no
     RETURNING operation, identifier_count
@@ -200,7 +202,7 @@ WHERE id = $1;
 -- Claim the next chunk this run may send, in one short statement:
 --   pending and due, or claimed by a run whose lease ran out or whose process is gone;
 --   and no chunk of an earlier plan of the same segment still open (order per segment).
--- Returns the chunk, its link, and its identifiers already encoded as a UTF-8 JSON array.
+-- Returns the chunk, its link, and the size of its payload (streamed by payload_slice).
 WITH next AS (
     SELECT c.id
     FROM syncd.chunks c
@@ -224,8 +226,14 @@ SET state = 'claimed', owner_run_id = $1, lease_until = now() + make_interval(se
 FROM next, syncd.segments s
 WHERE c.id = next.id AND s.segment_key = c.segment_key
 RETURNING c.id, c.plan_id, c.segment_key, c.operation, c.identifier_type, c.identifier_count,
-    convert_to(array_to_json(c.identifiers)::text, 'UTF8') AS identifiers_json,
+    octet_length(c.payload) AS payload_bytes,
     s.api, s.criteo_segment_id, s.account_id, s.gum_caller_id;
+
+-- name: payload_slice
+-- $3 bytes of a chunk's payload from byte $2 (1-based), while this run owns the chunk:
+-- the payload is uncompressed and out of line, so only the TOAST chunks covered are read.
+SELECT substring(payload FROM $2 FOR $3)
+FROM syncd.chunks WHERE id = $1 AND owner_run_id = $4 AND state = 'claimed';
 
 -- name: extend_lease
 -- Before each HTTP attempt: renew the lease and count the attempt, or learn that the
@@ -242,7 +250,7 @@ RETURNING id;
 WITH chunk AS (
     UPDATE syncd.chunks c
     SET state = $3,
-        identifiers = CASE WHEN $3 = 'done' THEN NULL ELSE c.identifiers END,
+        payload = CASE WHEN $3 = 'done' THEN NULL ELSE c.payload END,
         done_at = CASE WHEN $3 = 'done' THEN now() END,
         available_at = now() + make_interval(secs => $4),
         owner_run_id = NULL, lease_until = NULL,
@@ -270,19 +278,19 @@ WITH src AS (
     FOR UPDATE
 ), old AS (
     UPDATE syncd.chunks c
-    SET state = 'done', identifiers = NULL, done_at = now(), owner_run_id = NULL,
+    SET state = 'done', payload = NULL, done_at = now(), owner_run_id = NULL,
         lease_until = NULL, last_error = 'split in two: refused as too large'
     FROM src WHERE c.id = src.id
     RETURNING c.id
 ), halves AS (
-    INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, identifiers,
+    INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
                               identifier_count)
-    SELECT src.plan_id, src.segment_key, src.operation, src.identifier_type, h.ids,
-        cardinality(h.ids)
-    FROM src, LATERAL (
-        VALUES (src.identifiers[1:src.identifier_count / 2]),
-               (src.identifiers[src.identifier_count / 2 + 1:src.identifier_count])
-    ) AS h(ids)
+    SELECT src.plan_id, src.segment_key, src.operation, src.identifier_type,
+        convert_to(json_agg(e.value ORDER BY e.n)::text, 'UTF8'), count(*)
+    FROM src,
+        json_array_elements(convert_from(src.payload, 'UTF8')::json) WITH ORDINALITY AS e(value, n)
+    GROUP BY src.plan_id, src.segment_key, src.operation, src.identifier_type,
+        e.n <= src.identifier_count / 2
     RETURNING id
 )
 INSERT INTO syncd.push_audit

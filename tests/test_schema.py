@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -118,5 +119,37 @@ async def test_partitioning_the_inbox_keeps_waiting_changes(
             "WHERE inhparent = 'syncd.membership_changes'::regclass"
         )
         assert partitions == 16
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_keeps_open_chunk_payloads(empty_database_url: str, tmp_path: Path) -> None:
+    """0004 turns a chunk's stored identifiers into the JSON bytes sent, for chunks still
+    open at the upgrade; acknowledged ones stay empty."""
+    first = tmp_path / "first"
+    first.mkdir()
+    for m in db.load_migrations()[:3]:
+        (first / m.name).write_text(m.sql)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await db.migrate(conn, first)
+        run_id = await conn.fetchval(
+            "INSERT INTO syncd.sync_runs (host, pid, target_window) "
+            "VALUES ('t', 1, now()) RETURNING id"
+        )
+        plan_id = await conn.fetchval(
+            "INSERT INTO syncd.plans (run_id, segment_key) VALUES ($1, 'k') RETURNING id", run_id
+        )
+        await conn.execute(
+            "INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, "
+            "identifiers, identifier_count, state) VALUES "
+            "($1, 'k', 'add', 'customerId', ARRAY['a\"1', 'b\\2', 'é'], 3, 'pending'), "
+            "($1, 'k', 'add', 'customerId', NULL, 2, 'done')",
+            plan_id,
+        )
+        await db.migrate(conn)
+        rows = await conn.fetch("SELECT state, payload FROM syncd.chunks ORDER BY id")
+        assert json.loads(rows[0]["payload"]) == ['a"1', "b\\2", "é"]
+        assert (rows[1]["state"], rows[1]["payload"]) == ("done", None)
     finally:
         await conn.close()
