@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import signal
 import sys
@@ -109,25 +108,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env(need_criteo=args.command == "sync")
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "sync":
-        _return_large_buffers_to_the_os()
         return _run_with_signals(lambda stop: _sync(settings, stop))
     return asyncio.run(_with_connection(settings, args))
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Keep RSS flat however many chunks a run sends.
-
-    glibc raises its mmap threshold each time a large mapped block is freed, and then
-    serves the next multi-megabyte request bodies from the heap, where freed memory is
-    rarely handed back. Pinning the threshold at 1 MiB keeps every body mapped and
-    unmapped on its own.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_mmap_threshold = -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 async def _sync(settings: Settings, stop: asyncio.Event) -> int:
