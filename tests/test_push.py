@@ -13,8 +13,10 @@ from structlog.testing import capture_logs
 
 from syncd import segments
 from syncd.config import Settings
-from syncd.criteo import parse_amendment, retry_after_s
-from syncd.push import Pacer, backoff_s
+from syncd.criteo import CriteoClient, parse_amendment, retry_after_s
+from syncd.db import create_pool
+from syncd.plan import plan_segment
+from syncd.push import PAYLOAD_SLICE_BYTES, Pacer, Pusher, backoff_s
 from syncd.run import sync_once
 from syncd.sandbox import RunningSandbox
 
@@ -222,3 +224,46 @@ def test_pacer_allows_a_burst_then_spaces_calls() -> None:
     now[0] = 10.0
     assert pacer.reserve() == 0.0  # ten seconds refilled ten calls, two were owed
     assert Pacer(0).reserve() == 0.0  # 0 turns pacing off
+
+
+async def test_chunk_taken_over_before_its_body_is_read_is_not_sent(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """The body streams from the payload only while this run owns the chunk: if another
+    run took it over, the request is cut short and the push ends as lease_lost."""
+    await setup_segments(conn, sandbox, count=1, per_segment=20_000)  # several slices
+    settings = with_env(env, SYNCD_RETRY_BASE_S="0.01")
+    run_ids = [
+        await conn.fetchval(
+            "INSERT INTO syncd.sync_runs (host, pid, target_window) "
+            "VALUES ('t', 1, now()) RETURNING id"
+        )
+        for _ in range(2)
+    ]
+    pool = await create_pool(settings)
+    try:
+        async with pool.acquire() as pconn:
+            await plan_segment(pconn, run_ids[0], "s0", "email", "sha256", 50_000)
+        async with CriteoClient.open(settings) as client:
+            pusher = Pusher(pool, client, settings, run_ids[0])
+            chunk = await pusher.claim()
+            assert chunk is not None and chunk.payload_bytes > PAYLOAD_SLICE_BYTES
+            renew = pusher._renew_lease
+
+            async def renewed_then_taken_over(c: Any) -> bool:
+                # The race: the lease is renewed, then another run takes the chunk
+                # before the upload reads its payload.
+                ok = await renew(c)
+                await conn.execute(
+                    "UPDATE syncd.chunks SET owner_run_id = $2 WHERE id = $1", c.id, run_ids[1]
+                )
+                return ok
+
+            pusher._renew_lease = renewed_then_taken_over  # type: ignore[method-assign]
+            assert await pusher.push(chunk) == "lease_lost"
+    finally:
+        await pool.close()
+    assert sandbox.state.stats()["amendments_applied"] == 0
+    assert sandbox.state.segments["1000"].members == set()
+    outcomes = await conn.fetch("SELECT outcome FROM syncd.push_audit")
+    assert [r["outcome"] for r in outcomes] == ["lease_lost"]
