@@ -18,7 +18,11 @@ async def test_migrate_is_idempotent_and_recorded(empty_database_url: str) -> No
     conn = await asyncpg.connect(empty_database_url)
     try:
         every = [m.name for m in db.load_migrations()]
-        assert every[:3] == ["0001_init.sql", "0002_partition_inbox.sql", "0003_ascii_lower.sql"]
+        assert every[:3] == [
+            "0001_init.sql",
+            "0002_partition_inbox.sql",
+            "0003_cheaper_normalisation.sql",
+        ]
         assert await db.pending_migrations(conn) == every
         assert await db.migrate(conn) == every
         assert await db.migrate(conn) == []

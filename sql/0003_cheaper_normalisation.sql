@@ -1,4 +1,5 @@
--- Lower-case ASCII identifiers byte-wise.
+-- Cheaper normalisation: lower-case ASCII identifiers byte-wise, and test the length of
+-- a possible hash in bytes.
 --
 -- lower() under the database's collation goes through the C library's wide-character
 -- case mapping for every string; almost every email and ad id is plain ASCII, for which
@@ -21,4 +22,16 @@ RETURN CASE
             ELSE regexp_replace(regexp_replace(raw, '[ \t\r\n().-]', '', 'g'), '^00', '+')
         END
     ELSE btrim(raw, E' \t\r\n')
+END;
+
+-- Whether a canonical identifier is already a hash. octet_length is O(1) where length
+-- counts characters; a value that passes the hex test is ASCII, so the two agree.
+CREATE OR REPLACE FUNCTION syncd.identifier_is_hashed(canon text, identifier_type text)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN identifier_type = 'email'
+        THEN octet_length(canon) IN (32, 64) AND canon ~ '^[0-9a-f]+$'
+    WHEN identifier_type IN ('phoneNumber', 'madid')
+        THEN octet_length(canon) = 64 AND canon ~ '^[0-9a-f]+$'
+    ELSE false
 END;
