@@ -12,19 +12,30 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncd import plan
 from syncd.config import Settings
-from syncd.criteo import CriteoClient
 from syncd.db import check_schema, connect, create_pool, query
 from syncd.errors import RunAbortingError
 from syncd.logging import get_logger
-from syncd.push import Pusher, Sleep
+
+if TYPE_CHECKING:
+    from syncd.criteo import CriteoClient
+    from syncd.push import Pusher, Sleep
 
 log = get_logger(__name__)
 
 IDLE_POLL_S = 0.5  # how often an idle worker looks again while others still work
+
+
+def _http_side() -> tuple[type[CriteoClient], type[Pusher]]:
+    """The HTTP half of a run. Importing aiohttp costs about 0.2 s of CPU, so a run
+    imports it in a thread while its first segments are being planned."""
+    from syncd.criteo import CriteoClient
+    from syncd.push import Pusher
+
+    return CriteoClient, Pusher
 
 
 @dataclass
@@ -62,7 +73,6 @@ class SyncRun:
         self,
         settings: Settings,
         pool: Any,
-        client: CriteoClient,
         run_id: int,
         sleep: Sleep = asyncio.sleep,
         stop: asyncio.Event | None = None,
@@ -71,7 +81,8 @@ class SyncRun:
         self.pool = pool
         self.run_id = run_id
         self.stop = stop or asyncio.Event()
-        self.pusher = Pusher(pool, client, settings, run_id, sleep, self.stop)
+        self._sleep = sleep
+        self.pusher: Pusher | None = None  # once the HTTP side is up
         self.abort_error: RunAbortingError | None = None
         self._planning_done = False
         self._in_flight = 0
@@ -79,31 +90,40 @@ class SyncRun:
         self.plans: list[plan.SegmentPlan] = []
 
     async def execute(self) -> None:
-        async def planner() -> None:
-            try:
-                self.plans = await plan.plan_all(
-                    self.pool,
-                    self.run_id,
-                    self.settings.chunk_size,
-                    self.settings.plan_concurrency,
-                    on_planned=lambda planned: self._notify(planned.chunks),
-                    should_stop=self.stop.is_set,
-                )
-            finally:
-                self._planning_done = True
-                await self._notify(self.settings.concurrency)
-
         async with asyncio.TaskGroup() as group:
-            group.create_task(planner())
-            for _ in range(self.settings.concurrency):
-                group.create_task(self._worker())
-        released = await self.pusher.release()
+            group.create_task(self._plan())
+            group.create_task(self._push())
+
+    async def _plan(self) -> None:
+        try:
+            self.plans = await plan.plan_all(
+                self.pool,
+                self.run_id,
+                self.settings.chunk_size,
+                self.settings.plan_concurrency,
+                on_planned=lambda planned: self._notify(planned.chunks),
+                should_stop=self.stop.is_set,
+            )
+        finally:
+            self._planning_done = True
+            await self._notify(self.settings.concurrency)
+
+    async def _push(self) -> None:
+        client_class, pusher_class = await asyncio.to_thread(_http_side)
+        async with client_class.open(self.settings) as client:
+            self.pusher = pusher_class(
+                self.pool, client, self.settings, self.run_id, self._sleep, self.stop
+            )
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(self.settings.concurrency):
+                    workers.create_task(self._worker(self.pusher))
+            released = await self.pusher.release()
         if released:
             log.info("chunks_released", run_id=self.run_id, chunks=released)
 
-    async def _worker(self) -> None:
+    async def _worker(self, pusher: Pusher) -> None:
         while not self.stop.is_set():
-            chunk = await self.pusher.claim()
+            chunk = await pusher.claim()
             if chunk is None:
                 if not await self._should_wait():
                     await self._notify(self.settings.concurrency)  # the others end too
@@ -115,7 +135,7 @@ class SyncRun:
             await self._notify(1)
             self._in_flight += 1
             try:
-                await self.pusher.push(chunk)
+                await pusher.push(chunk)
             except RunAbortingError as exc:
                 self.abort_error = exc
                 self.stop.set()
@@ -173,9 +193,8 @@ async def sync_once(
         status, error = "succeeded", None
         run: SyncRun | None = None
         try:
-            async with CriteoClient.open(settings) as client:
-                run = SyncRun(settings, pool, client, run_id, sleep, stop)
-                await run.execute()
+            run = SyncRun(settings, pool, run_id, sleep, stop)
+            await run.execute()
         except asyncio.CancelledError:
             status, error = "interrupted", "cancelled"
             raise
