@@ -191,6 +191,37 @@ async def test_change_committed_during_a_plan_waits_for_the_next(
     assert payloads["add"] == {sha("first@x.com"), sha("during@x.com")}
 
 
+async def test_plan_meets_a_foreign_delete_and_plans_again(
+    conn: Any, database_url: str, monkeypatch: Any
+) -> None:
+    """Something other than syncd deletes an inbox row the plan read: the plan's DELETE
+    meets a serialization failure, rolls back, and plans again from what is left."""
+    await link(conn, "vip")
+    await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", "b@x.com", "add")])
+    other = await asyncpg.connect(database_url)
+    real_plan = plan._plan
+    calls = 0
+
+    async def plan_while_someone_deletes(*args: Any) -> plan.SegmentPlan:
+        nonlocal calls
+        calls += 1
+        result = await real_plan(*args)
+        if calls == 1:
+            await other.execute("DELETE FROM syncd.membership_changes WHERE identifier = 'b@x.com'")
+        return result
+
+    monkeypatch.setattr(plan, "_plan", plan_while_someone_deletes)
+    try:
+        p = await plan_one(conn, "vip")
+    finally:
+        monkeypatch.setattr(plan, "_plan", real_plan)
+        await other.close()
+    assert calls == 2
+    assert (p.changes_consumed, p.adds) == (1, 1)
+    assert await chunk_payloads(conn, "vip") == {"add": {sha("a@x.com")}, "remove": set()}
+    assert await conn.fetchval("SELECT count(*) FROM syncd.plans") == 1
+
+
 async def test_preview_changes_nothing(conn: Any) -> None:
     await link(conn, "vip")
     await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", "bad", "add")])
