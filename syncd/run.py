@@ -90,9 +90,14 @@ class SyncRun:
         self.plans: list[plan.SegmentPlan] = []
 
     async def execute(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._plan())
-            group.create_task(self._push())
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._plan())
+                group.create_task(self._push())
+        except ExceptionGroup as failed:
+            # Report what went wrong (a lost database, a bug), not "unhandled errors in a
+            # TaskGroup": the first error, however deeply the task groups nest it.
+            raise _first_error(failed) from failed
 
     async def _plan(self) -> None:
         try:
@@ -159,6 +164,11 @@ class SyncRun:
         """Wake up to `workers` idle workers (new chunks, a finished push, the end)."""
         async with self._progress:
             self._progress.notify(workers)
+
+
+def _first_error(group: BaseExceptionGroup[Exception]) -> Exception:
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def sync_once(

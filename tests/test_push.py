@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
@@ -267,3 +268,21 @@ async def test_chunk_taken_over_before_its_body_is_read_is_not_sent(
     assert sandbox.state.segments["1000"].members == set()
     outcomes = await conn.fetch("SELECT outcome FROM syncd.push_audit")
     assert [r["outcome"] for r in outcomes] == ["lease_lost"]
+
+
+async def test_a_lost_database_mid_run_is_reported_as_itself(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str], monkeypatch: Any
+) -> None:
+    """An error inside the run's task groups surfaces as the error itself (for the CLI's
+    one line), and the run row records it."""
+    await setup_segments(conn, sandbox, count=1, per_segment=10)
+
+    async def lost(self: Pusher) -> None:
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+    monkeypatch.setattr(Pusher, "claim", lost)
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await sync_once(with_env(env))
+    run = await conn.fetchrow("SELECT status, error FROM syncd.sync_runs")
+    assert run["status"] == "failed"
+    assert run["error"] == "ConnectionDoesNotExistError: connection was closed in the middle"
