@@ -159,6 +159,32 @@ async def test_late_committed_change_is_consumed_by_the_next_plan(
     assert payloads["add"] == {sha("early@x.com"), sha("later@x.com")}
 
 
+async def plan_while_another_session_runs(
+    conn: Any, database_url: str, monkeypatch: Any, key: str, statement: str
+) -> tuple[plan.SegmentPlan, int]:
+    """Plan `key`; right after the plan first reads the inbox, and before it deletes what
+    it read, another session runs `statement`. The plan, and how many reads it took."""
+    other = await asyncpg.connect(database_url)
+    real_plan = plan._plan
+    reads = 0
+
+    async def read_then_interfere(*args: Any) -> plan.SegmentPlan:
+        nonlocal reads
+        reads += 1
+        result = await real_plan(*args)
+        if reads == 1:
+            await other.execute(statement)
+        return result
+
+    monkeypatch.setattr(plan, "_plan", read_then_interfere)
+    try:
+        planned = await plan_one(conn, key)
+        return planned, reads
+    finally:
+        monkeypatch.setattr(plan, "_plan", real_plan)
+        await other.close()
+
+
 async def test_change_committed_during_a_plan_waits_for_the_next(
     conn: Any, database_url: str, monkeypatch: Any
 ) -> None:
@@ -166,23 +192,14 @@ async def test_change_committed_during_a_plan_waits_for_the_next(
     read is neither planned nor deleted: the next plan takes it."""
     await link(conn, "vip")
     await add_changes(conn, [("vip", "first@x.com", "add")])
-    crm = await asyncpg.connect(database_url)
-    real_plan = plan._plan
-
-    async def plan_then_crm_commits(*args: Any) -> plan.SegmentPlan:
-        result = await real_plan(*args)
-        await crm.execute(
-            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
-            "VALUES ('vip', 'during@x.com', 'add')"
-        )
-        return result
-
-    monkeypatch.setattr(plan, "_plan", plan_then_crm_commits)
-    try:
-        first = await plan_one(conn, "vip")
-    finally:
-        monkeypatch.setattr(plan, "_plan", real_plan)
-        await crm.close()
+    first, _ = await plan_while_another_session_runs(
+        conn,
+        database_url,
+        monkeypatch,
+        "vip",
+        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+        "VALUES ('vip', 'during@x.com', 'add')",
+    )
     left = await conn.fetch("SELECT identifier FROM syncd.membership_changes")
     assert [r["identifier"] for r in left] == ["during@x.com"]
     second = await plan_one(conn, "vip")
@@ -198,25 +215,14 @@ async def test_plan_meets_a_foreign_delete_and_plans_again(
     meets a serialization failure, rolls back, and plans again from what is left."""
     await link(conn, "vip")
     await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", "b@x.com", "add")])
-    other = await asyncpg.connect(database_url)
-    real_plan = plan._plan
-    calls = 0
-
-    async def plan_while_someone_deletes(*args: Any) -> plan.SegmentPlan:
-        nonlocal calls
-        calls += 1
-        result = await real_plan(*args)
-        if calls == 1:
-            await other.execute("DELETE FROM syncd.membership_changes WHERE identifier = 'b@x.com'")
-        return result
-
-    monkeypatch.setattr(plan, "_plan", plan_while_someone_deletes)
-    try:
-        p = await plan_one(conn, "vip")
-    finally:
-        monkeypatch.setattr(plan, "_plan", real_plan)
-        await other.close()
-    assert calls == 2
+    p, reads = await plan_while_another_session_runs(
+        conn,
+        database_url,
+        monkeypatch,
+        "vip",
+        "DELETE FROM syncd.membership_changes WHERE identifier = 'b@x.com'",
+    )
+    assert reads == 2
     assert (p.changes_consumed, p.adds) == (1, 1)
     assert await chunk_payloads(conn, "vip") == {"add": {sha("a@x.com")}, "remove": set()}
     assert await conn.fetchval("SELECT count(*) FROM syncd.plans") == 1
