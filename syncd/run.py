@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,7 @@ class SyncRun:
         self._in_flight = 0
         self._progress = asyncio.Condition()
         self.plans: list[plan.SegmentPlan] = []
+        self.planning_s: float | None = None  # how long planning took, once done
 
     async def execute(self) -> None:
         try:
@@ -100,6 +102,7 @@ class SyncRun:
             raise _first_error(failed) from failed
 
     async def _plan(self) -> None:
+        clock = time.monotonic()
         try:
             self.plans = await plan.plan_all(
                 self.pool,
@@ -110,6 +113,7 @@ class SyncRun:
                 should_stop=self.stop.is_set,
             )
         finally:
+            self.planning_s = time.monotonic() - clock
             self._planning_done = True
             await self._notify(self.settings.concurrency)
 
@@ -179,6 +183,7 @@ async def sync_once(
     stop: asyncio.Event | None = None,
 ) -> RunSummary:
     """Run one sync now and return its summary (the CLI prints it)."""
+    started = time.monotonic()
     lock_conn = await connect(settings)
     pool = None
     try:
@@ -216,7 +221,7 @@ async def sync_once(
                 status, error = "failed", str(run.abort_error)
             elif run is not None and run.stop.is_set() and status == "succeeded":
                 status = "interrupted"
-            summary = await _finish(lock_conn, run_id, status, error, run)
+            summary = await _finish(lock_conn, run_id, status, error, run, started)
             summary.aborted = run is not None and run.abort_error is not None
         return summary
     finally:
@@ -226,7 +231,12 @@ async def sync_once(
 
 
 async def _finish(
-    conn: Any, run_id: int, status: str, error: str | None, run: SyncRun | None
+    conn: Any,
+    run_id: int,
+    status: str,
+    error: str | None,
+    run: SyncRun | None,
+    started: float,
 ) -> RunSummary:
     summary = RunSummary(run_id=run_id, status=status, error=error)
     plans = run.plans if run else []
@@ -276,6 +286,8 @@ async def _finish(
         nb_valid=summary.nb_valid,
         nb_invalid=summary.nb_invalid,
         made_window=made,
+        duration_s=round(time.monotonic() - started, 3),
+        planning_s=None if run is None or run.planning_s is None else round(run.planning_s, 3),
         error=error,
     )
     return summary

@@ -214,6 +214,9 @@ async def test_logs_carry_no_identifier_or_secret(
     assert {"run_started", "segment_planned", "chunk_retry", "chunk_pushed", "run_finished"} <= {
         e["event"] for e in logs
     }
+    finished = next(e for e in logs if e["event"] == "run_finished")
+    assert 0 < finished["planning_s"] < finished["duration_s"]
+    assert (finished["changes"], finished["chunks_acknowledged"]) == (3, 1)
 
 
 def test_pacer_allows_a_burst_then_spaces_calls() -> None:
