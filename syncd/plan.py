@@ -48,25 +48,27 @@ async def plan_segment(
     # transaction starts, so its snapshot sees what the previous plan consumed.
     await conn.execute(query("lock_segment_plan"), segment_key)
     try:
-        for attempt in range(1, PLAN_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 async with conn.transaction(isolation="repeatable_read"):
                     plan = await _plan(
                         conn, run_id, segment_key, identifier_type, send_as, chunk_size
                     )
-                    deleted = await conn.execute(query("consume_segment"), segment_key)
-                    if int(deleted.split()[-1]) != plan.changes_consumed:
+                    status = await conn.execute(query("consume_segment"), segment_key)
+                    deleted = int(status.split()[-1])  # "DELETE <rows>"
+                    if deleted != plan.changes_consumed:
                         # Cannot happen under REPEATABLE READ; never commit it if it does.
                         raise SyncdError(
                             f"plan of {segment_key!r} read {plan.changes_consumed} changes "
-                            f"but would consume {deleted.split()[-1]}; rolled back"
+                            f"but would consume {deleted}; rolled back"
                         )
                     return plan
             except asyncpg.SerializationError:
                 if attempt == PLAN_ATTEMPTS:
                     raise
                 log.warning("plan_retried", segment_key=segment_key, attempt=attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
     finally:
         await conn.execute(query("unlock_segment_plan"), segment_key)
 

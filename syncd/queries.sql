@@ -119,7 +119,7 @@ SELECT pg_advisory_lock(hashtext('syncd.plan'), hashtext($1));
 SELECT pg_advisory_unlock(hashtext('syncd.plan'), hashtext($1));
 
 -- name: plan_work_mem
--- Netting a large segment is one hash aggregate: give it room so it does not spill to disk.
+-- Netting and chunking a large segment sort in memory: room enough not to spill to disk.
 SET LOCAL work_mem = '256MB';
 
 -- name: create_plan

@@ -83,9 +83,7 @@ class SyncRun:
         self.run_id = run_id
         self.stop = stop or asyncio.Event()
         self._sleep = sleep
-        self.pusher: Pusher | None = None  # once the HTTP side is up
         self.abort_error: RunAbortingError | None = None
-        self._planning_done = False
         self._in_flight = 0
         self._progress = asyncio.Condition()
         self.plans: list[plan.SegmentPlan] = []
@@ -113,20 +111,19 @@ class SyncRun:
                 should_stop=self.stop.is_set,
             )
         finally:
-            self.planning_s = time.monotonic() - clock
-            self._planning_done = True
+            self.planning_s = time.monotonic() - clock  # set: planning is done
             await self._notify(self.settings.concurrency)
 
     async def _push(self) -> None:
         client_class, pusher_class = await asyncio.to_thread(_http_side)
         async with client_class.open(self.settings) as client:
-            self.pusher = pusher_class(
+            pusher = pusher_class(
                 self.pool, client, self.settings, self.run_id, self._sleep, self.stop
             )
             async with asyncio.TaskGroup() as workers:
                 for _ in range(self.settings.concurrency):
-                    workers.create_task(self._worker(self.pusher))
-            released = await self.pusher.release()
+                    workers.create_task(self._worker(pusher))
+            released = await pusher.release()
         if released:
             log.info("chunks_released", run_id=self.run_id, chunks=released)
 
@@ -154,7 +151,7 @@ class SyncRun:
 
     async def _should_wait(self) -> bool:
         """Nothing claimable now: wait if more may come (planning, our pushes, other runs)."""
-        if not self._planning_done or self._in_flight:
+        if self.planning_s is None or self._in_flight:
             return True
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(query("claimed_elsewhere"), self.run_id))
