@@ -55,9 +55,10 @@ MIB = 1024 * 1024
 # `syncd sandbox` has no flag for that, hence this one-liner.
 SANDBOX_CODE = (
     "import sys\n"
-    "from syncd.sandbox import SandboxConfig, run_sandbox\n"
-    "run_sandbox(SandboxConfig(latency_ms=float(sys.argv[1]), keep_members=False),"
-    " '127.0.0.1', int(sys.argv[2]))\n"
+    "from syncd.sandbox import SandboxConfig, serve\n"
+    "from syncd.signals import run_until_signalled\n"
+    "config = SandboxConfig(latency_ms=float(sys.argv[1]), keep_members=False)\n"
+    "run_until_signalled(lambda stop: serve(config, '127.0.0.1', int(sys.argv[2]), stop))\n"
 )
 
 # $1 changes, $2 segments, $3 changes per segment, $4 distinct values per segment.
@@ -305,13 +306,14 @@ class Bench:
             )
 
     async def setup_database(self) -> None:
-        from syncd import db, segments
+        from syncd import links
+        from syncd.db import migrations
 
         conn = await asyncpg.connect(self.database_url)
         try:
-            await db.migrate(conn)
+            await migrations.migrate(conn)
             for key, criteo_id in self.segments:
-                await segments.link(conn, segments.Link(key, criteo_id, "email", account_id="1"))
+                await links.link(conn, links.Link(key, criteo_id, "email", account_id="1"))
         finally:
             await conn.close()
 

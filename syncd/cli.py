@@ -8,16 +8,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from syncd import __version__, db, plan, report, segments
+from syncd import __version__, db, links, plan, report
 from syncd.config import Settings
+from syncd.db import migrations
 from syncd.errors import ConfigError, MigrationError, SyncdError, UsageError
 from syncd.logging import configure_logging
-from syncd.run import sync_once
+from syncd.signals import run_until_signalled
+from syncd.sync import sync_once
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sandbox":
         configure_logging("info", "json")
-        from syncd.sandbox import SandboxConfig, run_sandbox
+        from syncd.sandbox import SandboxConfig, serve
 
         config = SandboxConfig(
             latency_ms=args.latency_ms,
@@ -97,7 +97,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             fault_rate_drop=args.fault_rate_drop,
             token_ttl_s=args.token_ttl_s,
         )
-        run_sandbox(config, args.host, args.port)
+        run_until_signalled(lambda stop: serve(config, args.host, args.port, stop))
         return 0
     if args.command == "demo":
         configure_logging("warning", "console")
@@ -108,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env(need_criteo=args.command == "sync")
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "sync":
-        return _run_with_signals(lambda stop: _sync(settings, stop))
+        return run_until_signalled(lambda stop: _sync(settings, stop))
     return asyncio.run(_with_connection(settings, args))
 
 
@@ -120,27 +120,14 @@ async def _sync(settings: Settings, stop: asyncio.Event) -> int:
     return summary.exit_code
 
 
-def _run_with_signals(job: Callable[[asyncio.Event], Awaitable[int]]) -> int:
-    """SIGTERM/SIGINT: stop claiming, finish what is in flight, release the rest."""
-
-    async def runner() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        return await job(stop)
-
-    return asyncio.run(runner())
-
-
 async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
     conn = await db.connect(settings)
     try:
         if args.command == "migrate":
-            applied = await db.migrate(conn)
+            applied = await migrations.migrate(conn)
             print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
             return 0
-        await db.check_schema(conn)
+        await migrations.check_schema(conn)
         if args.command == "status":
             print(await report.status(conn, args.runs))
             return 0
@@ -155,15 +142,15 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _segments(conn: Any, args: argparse.Namespace) -> int:
     if args.segments_command == "list":
-        print(report.links_table(await segments.list_links(conn)))
+        print(report.links_table(await links.list_links(conn)))
         return 0
     if args.segments_command == "unlink":
-        dropped = await segments.unlink(conn, args.key, force=args.force)
+        dropped = await links.unlink(conn, args.key, force=args.force)
         print(f"unlinked {args.key}" + (f" (dropped {dropped} unsent chunk(s))" if dropped else ""))
         return 0
-    result = await segments.link(
+    result = await links.link(
         conn,
-        segments.Link(
+        links.Link(
             segment_key=args.key,
             criteo_segment_id=args.segment_id,
             identifier_type=args.identifier_type,

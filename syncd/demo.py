@@ -18,10 +18,11 @@ from typing import Any
 
 import asyncpg
 
-from syncd import db, report, segments
+from syncd import links, report
 from syncd.config import Settings
-from syncd.run import sync_once
+from syncd.db import load_queries, migrations
 from syncd.sandbox import SandboxConfig, start_sandbox
+from syncd.sync import sync_once
 
 LINKS = [
     # (key, api, criteo id, identifier type, share of the changes)
@@ -31,7 +32,6 @@ LINKS = [
     ("app_users", "marketing-solutions", "2001", "madid", 0.10),
 ]
 UNLINKED_KEY = "winback_2027"  # 5% of the changes: kept, not sent, shown by status
-DEMO_QUERIES = db.load_queries("demo.sql")
 
 
 def run_demo(changes: int) -> int:
@@ -65,16 +65,16 @@ async def _demo(database_url: str, changes: int) -> int:
         say(f"PostgreSQL (embedded) ready; Criteo sandbox on {sandbox.url}")
         conn = await asyncpg.connect(database_url)
         try:
-            await db.migrate(conn)
+            await migrations.migrate(conn)
             for key, api, criteo_id, kind, _ in LINKS:
                 sandbox.state.add_segment(api, "42", kind, segment_id=criteo_id)
-                await segments.link(
+                await links.link(
                     conn,
-                    segments.Link(key, criteo_id, kind, api=api, account_id="42"),
+                    links.Link(key, criteo_id, kind, api=api, account_id="42"),
                 )
-            say(report.links_table(await segments.list_links(conn)))
+            say(report.links_table(await links.list_links(conn)))
             started = time.monotonic()
-            await conn.execute(DEMO_QUERIES["demo_history"], changes)
+            await conn.execute(load_queries()["demo_history"], changes)
             say(
                 f"\nwrote {changes:,} CRM membership changes in "
                 f"{time.monotonic() - started:.1f} s (5% for the unlinked key {UNLINKED_KEY!r})"
@@ -91,7 +91,7 @@ async def _demo(database_url: str, changes: int) -> int:
         conn = await asyncpg.connect(database_url)
         try:
             say("\nread back from syncd.push_audit (Criteo's own counts):")
-            rows: list[Any] = await conn.fetch(DEMO_QUERIES["demo_audit"])
+            rows: list[Any] = await conn.fetch(load_queries()["demo_audit"])
             say(
                 report.table(
                     ["segment", "api", "criteo id", "op", "requests", "sent", "valid", "invalid"],

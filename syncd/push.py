@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncd.config import Settings
-from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amendment_body
+from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amend, amendment_body
 from syncd.db import query
 from syncd.errors import (
     CriteoError,
@@ -70,43 +70,6 @@ class Chunk:
         )
 
 
-class Cooldown:
-    """One shared back-off: when Criteo answers 429, every sender waits, not just one."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._until = 0.0
-
-    def trip(self, delay_s: float) -> None:
-        self._until = max(self._until, self._clock() + delay_s)
-
-    def remaining_s(self) -> float:
-        return max(0.0, self._until - self._clock())
-
-
-class Pacer:
-    """A token bucket over Criteo's per-app budget (about 250 calls a minute): a minute's
-    worth of calls may go at once, then calls are spaced evenly. Pacing below the limit
-    beats bouncing off 429s."""
-
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate = per_minute / 60.0
-        self._capacity = float(per_minute)
-        self._tokens = float(per_minute)
-        self._clock = clock
-        self._last = clock()
-
-    def reserve(self) -> float:
-        """Take one call from the budget; return how long to wait before making it."""
-        if self._rate <= 0:
-            return 0.0
-        now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        self._tokens -= 1.0  # below zero: calls already queued for later
-        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
-
-
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Capped exponential backoff with full jitter: uniform(0, min(cap, base * 2^(n-1)))."""
     return random.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
@@ -130,8 +93,6 @@ class Pusher:
         self._run_id = run_id
         self._sleep = sleep
         self._stop = stop or asyncio.Event()
-        self.cooldown = Cooldown()
-        self.pacer = Pacer(settings.rate_limit_per_min)
 
     async def claim(self) -> Chunk | None:
         async with self._pool.acquire() as conn:
@@ -147,7 +108,7 @@ class Pusher:
         last_error: CriteoError | None = None
         body = self._body(chunk)
         while True:
-            wait_s = max(wait_s, self.cooldown.remaining_s(), self.pacer.reserve())
+            wait_s = max(wait_s, self._client.cooldown.remaining_s(), self._client.pacer.reserve())
             if not await self._pause(wait_s):
                 # Stopping: a chunk waiting for its next attempt goes back untouched.
                 return await self._finish(
@@ -157,7 +118,7 @@ class Pusher:
                 return await self._lease_lost(chunk, started, attempts, None)
             attempts += 1
             try:
-                result = await self._client.amend(chunk.target, body, f"syncd-chunk-{chunk.id}")
+                result = await amend(self._client, chunk.target, body, f"syncd-chunk-{chunk.id}")
             except RetryableError as exc:
                 last_error = exc
                 decision, wait_s = self._after_retryable(chunk, exc, attempts)
@@ -218,7 +179,7 @@ class Pusher:
         s = self._settings
         wait_s = error.retry_after_s
         if error.status == 429:
-            self.cooldown.trip(wait_s if wait_s is not None else s.retry_base_s)
+            self._client.cooldown.trip(wait_s if wait_s is not None else s.retry_base_s)
         if attempts >= s.max_attempts:
             return "failed", 0.0
         if wait_s is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from syncd.db import query
 from syncd.plan import SegmentPlan
-from syncd.run import RunSummary
+from syncd.sync import RunSummary
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

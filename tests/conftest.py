@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from syncd import db
 from syncd.config import Settings
+from syncd.db import migrations as db
 from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 
 # The developer's shell must not leak into tests.

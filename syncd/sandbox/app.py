@@ -1,21 +1,10 @@
-"""The sandbox: a Criteo-compatible audience API on loopback, for tests, the demo and the benchmark.
+"""The sandbox application: its routes and middleware (versions, auth, rate limit,
+bookkeeping), and starting and stopping it on a real socket.
 
-It serves the contact-list calls syncd makes (OAuth2 client credentials, add/remove,
-clear, statistics, create and search, for Retail Media and Marketing Solutions), checks
-requests the way Criteo does, and keeps real member sets so a test can check what a
-segment ends up holding. Faults are injected on demand under ``/_sandbox/`` (no auth)
-or at random from :class:`SandboxConfig`.
-
-This module is the public entry: the application, its routes and middleware (versions,
-auth, rate limit, bookkeeping), and starting and stopping it. The rest is split by
-concept: ``syncd.sandbox_state`` holds what the sandbox remembers, ``syncd.sandbox_contract``
-Criteo's request rules and answer bodies, ``syncd.sandbox_faults`` fault injection and
-the ``/_sandbox/`` control endpoints. The names other code uses (``SandboxConfig``,
-``SandboxState``, ``SANDBOX_STATE``, ...) are re-exported here, so importing them from
-``syncd.sandbox`` stays the way to reach them.
-
-The sandbox is deliberately independent of the rest of syncd: it stands for Criteo, so
-it must not share syncd's idea of what a valid identifier is.
+The rest of the package is split by concept: ``config`` (what it is started with),
+``state`` (what it remembers), ``contract`` (Criteo's request rules and answer bodies),
+``faults`` (fault injection), ``control`` (the ``/_sandbox/`` endpoints), ``errors``
+(Criteo-style error answers).
 """
 
 from __future__ import annotations
@@ -24,7 +13,6 @@ import asyncio
 import functools
 import re
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -34,7 +22,8 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from syncd.sandbox_contract import (
+from syncd.sandbox.config import MARKETING_SOLUTIONS, RETAIL_MEDIA, SandboxConfig
+from syncd.sandbox.contract import (
     amendment_answer,
     apply_amendment,
     cleared_answer,
@@ -47,31 +36,10 @@ from syncd.sandbox_contract import (
     statistics_answer,
     validate_amendment,
 )
-from syncd.sandbox_faults import (
-    SANDBOX_STATE,
-    DroppedResponse,
-    control_routes,
-    error_response,
-    problem,
-    with_faults,
-)
-from syncd.sandbox_state import (
-    MARKETING_SOLUTIONS,
-    RETAIL_MEDIA,
-    SandboxConfig,
-    SandboxState,
-    Segment,
-)
-
-__all__ = [
-    "SANDBOX_STATE",
-    "RunningSandbox",
-    "SandboxConfig",
-    "SandboxState",
-    "create_app",
-    "run_sandbox",
-    "start_sandbox",
-]
+from syncd.sandbox.control import control_routes
+from syncd.sandbox.errors import error_response, problem
+from syncd.sandbox.faults import DroppedResponse, with_faults
+from syncd.sandbox.state import SANDBOX_STATE, SandboxState, Segment
 
 log = structlog.get_logger(__name__)
 
@@ -347,17 +315,9 @@ async def start_sandbox(
     return RunningSandbox(str(URL.build(scheme="http", host=host, port=bound_port)), app, runner)
 
 
-async def _serve_until_signal(config: SandboxConfig, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+async def serve(config: SandboxConfig, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set: the ``syncd sandbox`` command (the CLI owns the signals)."""
     async with await start_sandbox(config, host, port) as sandbox:
-        log.info("sandbox_listening", url=sandbox.url)
+        log.info("sandbox_listening", url=sandbox.url, client_id=config.client_id)
         await stop.wait()
     log.info("sandbox_stopped")
-
-
-def run_sandbox(config: SandboxConfig, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM: the ``syncd sandbox`` command."""
-    asyncio.run(_serve_until_signal(config, host, port))

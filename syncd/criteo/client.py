@@ -1,9 +1,10 @@
-"""The Criteo client: OAuth token, the two contact-list amendment endpoints, answer reading.
+"""The Criteo client: one aiohttp session, the OAuth token, and one classified call.
 
 One request per call, classified: an answer, a RetryableError (timeouts, dropped
 connections, 408, 429, 5xx) or a PermanentError (other 4xx). Retrying is the
 caller's business (push.py), so the policy lives in one place. A 401 is the one
-exception: the token is fetched again and the request re-sent once, here.
+exception: the token is fetched again and the request re-sent once, here. What is
+sent where (amendments, and segment management next) lives beside this module.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -22,13 +23,13 @@ import aiohttp
 
 from syncd import __version__
 from syncd.config import Settings
+from syncd.criteo.pacing import Cooldown, Pacer
 from syncd.errors import (
     PayloadTooLarge,
     PermanentError,
     RetryableError,
     RunAbortingError,
 )
-from syncd.identifiers import MARKETING_SOLUTIONS, wire_name
 from syncd.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,28 +39,12 @@ _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
-class Target:
-    """Where a chunk goes: a linked Criteo segment."""
+class Answer:
+    """A 2xx answer: its status, its JSON body (None when unreadable) and its headers."""
 
-    api: str
-    segment_id: str
-    identifier_type: str
-    account_id: str | None = None
-    gum_caller_id: int | None = None
-
-
-@dataclass(frozen=True)
-class AmendmentResult:
-    """Criteo's answer to one add/remove request."""
-
-    http_status: int
-    nb_valid: int | None
-    nb_invalid: int | None
-    sample_invalid: list[str] = field(default_factory=list)
-    request_date: datetime | None = None
-    contact_list_id: str | None = None
-    warnings: list[Any] = field(default_factory=list)
-    errors: list[Any] = field(default_factory=list)
+    status: int
+    payload: Any
+    headers: Mapping[str, str]
 
 
 class CriteoClient:
@@ -78,7 +63,8 @@ class CriteoClient:
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
         self._deprecation_logged = False
-        self.requests_sent = 0
+        self.pacer = Pacer(settings.rate_limit_per_min, clock)
+        self.cooldown = Cooldown(clock)
 
     @classmethod
     @asynccontextmanager
@@ -141,25 +127,31 @@ class CriteoClient:
         self._token_expires_at = self._clock() + max(1.0, lifetime - TOKEN_REFRESH_MARGIN_S)
         log.info("criteo_token_fetched", expires_in_s=lifetime)
 
-    # --- amendments ---------------------------------------------------------------------
+    # --- calls --------------------------------------------------------------------------
 
-    def amendment_url(self, target: Target) -> str:
+    def url(self, path: str) -> str:
+        """The URL of a versioned API path such as ``retail-media/audience-segments/...``."""
         s = self._settings
-        base = f"{s.criteo_api_url}/{s.criteo_api_version}"
-        if target.api == MARKETING_SOLUTIONS:
-            return f"{base}/marketing-solutions/audience-segments/{target.segment_id}/contact-list"
-        return f"{base}/retail-media/audience-segments/{target.segment_id}/contact-list/add-remove"
+        return f"{s.criteo_api_url}/{s.criteo_api_version}/{path}"
 
-    async def amend(
-        self, target: Target, body: AmendmentBody, idempotency_key: str
-    ) -> AmendmentResult:
-        """Send one add or remove request (see amendment_body); re-send once with a new
-        token after a 401."""
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Callable[[], AsyncIterator[bytes]],
+        size: int,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Answer:
+        """One authorised JSON call, classified: a 2xx Answer, or RetryableError,
+        PermanentError, PayloadTooLarge, RunAbortingError. After a 401 the token is
+        fetched again and the call re-sent once. `body()` yields the request body afresh
+        for each sending; its `size` bytes are sent with a Content-Length."""
         for attempt in (1, 2):
             token = await self.token(force=attempt == 2)
-            result = await self._send(target, body, token, idempotency_key)
-            if result is not None:
-                return result
+            answer = await self._send(method, path, body, size, token, idempotency_key)
+            if answer is not None:
+                return answer
         raise RunAbortingError(
             "Criteo answered 401 to a freshly fetched token: the app lacks access "
             "(check the 'Audiences Manage' permission)",
@@ -168,25 +160,27 @@ class CriteoClient:
         )
 
     async def _send(
-        self, target: Target, body: AmendmentBody, token: str, idempotency_key: str
-    ) -> AmendmentResult | None:
-        method = "PATCH" if target.api == MARKETING_SOLUTIONS else "POST"
+        self,
+        method: str,
+        path: str,
+        body: Callable[[], AsyncIterator[bytes]],
+        size: int,
+        token: str,
+        idempotency_key: str | None,
+    ) -> Answer | None:
         headers = {
             "Authorization": f"Bearer {token}",
             "Content-Type": "application/json",
             "Accept": "application/json",
-            # The same key on every attempt of a chunk: a retry is recognisable as one.
-            "Idempotency-Key": idempotency_key,
             # Streamed with its size known: a plain request, not a chunked one.
-            "Content-Length": str(body.size),
+            "Content-Length": str(size),
         }
-        self.requests_sent += 1
+        if idempotency_key is not None:
+            # The same key on every attempt of a chunk: a retry is recognisable as one.
+            headers["Idempotency-Key"] = idempotency_key
         try:
             async with self._session.request(
-                method,
-                self.amendment_url(target),
-                data=body.pieces(),
-                headers=headers,
+                method, self.url(path), data=body(), headers=headers
             ) as resp:
                 payload = await _read_json(resp)
                 status = resp.status
@@ -199,11 +193,7 @@ class CriteoClient:
         if status == 401:
             return None
         if 200 <= status < 300:
-            if not isinstance(payload, dict):
-                # Criteo probably applied it; sending again is harmless (add/remove are set
-                # operations), not knowing is not.
-                raise RetryableError("Criteo's answer could not be read", status=status)
-            return parse_amendment(status, payload)
+            return Answer(status, payload, resp_headers)
         code, detail = error_code(payload)
         message = (
             f"HTTP {status}{': ' + code if code else ''}{' (' + detail + ')' if detail else ''}"
@@ -233,87 +223,6 @@ class CriteoClient:
             sunset=headers.get("Sunset"),
             hint="set CRITEO_API_VERSION to a newer stable version before the sunset date",
         )
-
-
-@dataclass(frozen=True)
-class AmendmentBody:
-    """One add/remove request body, streamed: a JSON envelope around the identifiers'
-    JSON array, whose bytes `identifiers()` yields in pieces, afresh for every attempt.
-
-    The size is known up front (Content-Length), so the request is a plain one, not
-    chunked, and the process never holds more than a piece of it.
-    """
-
-    head: bytes
-    identifiers_bytes: int
-    identifiers: Callable[[], AsyncIterator[bytes]]
-    tail: bytes = b"}}}"
-
-    @property
-    def size(self) -> int:
-        return len(self.head) + self.identifiers_bytes + len(self.tail)
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        yield self.head
-        sent = 0
-        async for piece in self.identifiers():
-            sent += len(piece)
-            yield piece
-        if sent != self.identifiers_bytes:
-            # The payload went away (another run finished the chunk): abort the request.
-            raise RetryableError(
-                f"the chunk's payload changed while it was sent ({sent} of "
-                f"{self.identifiers_bytes} bytes)",
-                code="payload_changed",
-            )
-        yield self.tail
-
-
-def amendment_body(
-    target: Target,
-    operation: str,
-    identifiers_bytes: int,
-    identifiers: Callable[[], AsyncIterator[bytes]],
-) -> AmendmentBody:
-    """The request body around identifiers that arrive as UTF-8 JSON array bytes (as
-    PostgreSQL encoded them at plan time): they never become Python strings."""
-    attributes: dict[str, Any] = {
-        "operation": operation,
-        "identifierType": wire_name(target.identifier_type, target.api),
-    }
-    if target.gum_caller_id is not None and target.identifier_type == "gum":
-        attributes["gumCallerId"] = target.gum_caller_id
-    kind = "ContactlistAmendment" if target.api == MARKETING_SOLUTIONS else "AddRemoveContactlist"
-    head = json.dumps({"data": {"type": kind, "attributes": attributes}})
-    assert head.endswith("}}}")
-    return AmendmentBody(
-        head=head[:-3].encode() + b', "identifiers": ',
-        identifiers_bytes=identifiers_bytes,
-        identifiers=identifiers,
-    )
-
-
-def parse_amendment(status: int, payload: dict[str, Any]) -> AmendmentResult:
-    """Read both documented shapes: counts under data.attributes (docs) or under data (SDK)."""
-    data = payload.get("data")
-    if isinstance(data, list):  # not documented for this call; read the first item if any
-        data = data[0] if data else {}
-    if not isinstance(data, dict):
-        data = {}
-    attributes = data.get("attributes")
-    fields = attributes if isinstance(attributes, dict) else data
-    contact_list_id = fields.get("contactListId")
-    return AmendmentResult(
-        http_status=status,
-        nb_valid=_int_or_none(fields.get("nbValidIdentifiers")),
-        nb_invalid=_int_or_none(fields.get("nbInvalidIdentifiers")),
-        sample_invalid=[str(x) for x in fields.get("sampleInvalidIdentifiers") or []],
-        request_date=_parse_date(fields.get("requestDate")),
-        # json keeps big integers exact; store as text so nothing rounds it through a float.
-        contact_list_id=None if contact_list_id is None else str(contact_list_id),
-        warnings=list(payload.get("warnings") or []),
-        errors=list(payload.get("errors") or []),
-    )
 
 
 def error_code(payload: Any) -> tuple[str | None, str | None]:
@@ -374,19 +283,3 @@ def _exc_code(exc: BaseException) -> str:
 
 def _is_size_code(code: str) -> bool:
     return any(word in code for word in ("too-many", "too-large", "size", "payload"))
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _parse_date(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None

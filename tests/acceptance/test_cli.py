@@ -17,7 +17,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import (
+
+from syncd.db import migrations as db
+from syncd.sandbox import RunningSandbox
+from tests.helpers import (
     Change,
     Cli,
     control,
@@ -28,9 +31,6 @@ from helpers import (
     run_cli,
     wait_until,
 )
-
-from syncd import db
-from syncd.sandbox import RunningSandbox
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,9 +1,5 @@
-"""The database: connection pool, named queries, migrations.
-
-Runtime queries live in `syncd/queries.sql` as named blocks (`-- name: x` then a
-one-line description), migrations in the top-level `sql/NNNN_*.sql` files. No SQL
-is assembled in Python.
-"""
+"""Migrations: the numbered `sql/NNNN_*.sql` files, applied in order under a blocking
+lock, each recorded with its checksum so that a changed file is refused."""
 
 from __future__ import annotations
 
@@ -11,14 +7,11 @@ import hashlib
 import importlib.resources
 import re
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from syncd.config import Settings
-from syncd.errors import ConfigError, MigrationError
+from syncd.db import query
+from syncd.errors import MigrationError
 from syncd.logging import get_logger
 
 log = get_logger(__name__)
@@ -27,49 +20,6 @@ log = get_logger(__name__)
 LOCK_NAMESPACE = 0x73796E63
 LOCK_MIGRATE = 1
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-_QUERY_HEADER = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
-
-
-@cache
-def load_queries(filename: str = "queries.sql") -> dict[str, str]:
-    """Every named query in one of the package's .sql files, keyed by name."""
-    text = (importlib.resources.files("syncd") / filename).read_text(encoding="utf-8")
-    parts = _QUERY_HEADER.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-def query(name: str) -> str:
-    return load_queries()[name]
-
-
-async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> Any:
-    """A small pool: connections are held for claims and finalises, never across HTTP calls."""
-    size = max_size or settings.concurrency + settings.plan_concurrency + 2
-    try:
-        return await asyncpg.create_pool(
-            settings.database_url.reveal(),
-            min_size=min_size,
-            max_size=size,
-            command_timeout=600,  # a plan of millions of changes is one statement
-            server_settings={"application_name": "syncd"},
-        )
-    except (OSError, asyncpg.PostgresError, ValueError) as exc:
-        raise ConfigError(f"SYNCD_DATABASE_URL: cannot connect ({_describe(exc)})") from None
-
-
-async def connect(settings: Settings) -> Any:
-    """A dedicated connection, outside the pool (its session advisory locks must persist)."""
-    try:
-        return await asyncpg.connect(
-            settings.database_url.reveal(), server_settings={"application_name": "syncd"}
-        )
-    except (OSError, asyncpg.PostgresError, ValueError) as exc:
-        raise ConfigError(f"SYNCD_DATABASE_URL: cannot connect ({_describe(exc)})") from None
-
-
-def _describe(exc: BaseException) -> str:
-    # asyncpg messages never contain the password; the URL itself is never echoed.
-    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
 
 @dataclass(frozen=True)
@@ -85,7 +35,7 @@ class Migration:
 
 def migrations_dir() -> Path:
     """The sql/ folder of a checkout, or the copy packaged as syncd.migrations."""
-    checkout = Path(__file__).resolve().parent.parent / "sql"
+    checkout = Path(__file__).resolve().parents[2] / "sql"
     if (checkout / "0001_init.sql").is_file():
         return checkout
     return Path(str(importlib.resources.files("syncd.migrations")))

@@ -692,15 +692,14 @@ async def test_control_segment_seeding(api: Api) -> None:
     assert got["api"] == "marketing-solutions" and got["size"] == 0 and "members" not in got
 
 
-async def test_run_sandbox_serves_until_sigterm() -> None:
-    code = (
-        "from syncd.sandbox import SandboxConfig, run_sandbox;"
-        "run_sandbox(SandboxConfig(), '127.0.0.1', 0)"
-    )
+async def test_syncd_sandbox_serves_until_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
-        code,
+        "-m",
+        "syncd",
+        "sandbox",
+        "--port",
+        "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -709,7 +708,7 @@ async def test_run_sandbox_serves_until_sigterm() -> None:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
         assert "sandbox_listening" in line
-        url = line[line.index("http://") :].split()[0].strip("'\"")
+        url = line[line.index("http://") :].split()[0].strip("'\",")
         async with (
             aiohttp.ClientSession() as session,
             session.post(

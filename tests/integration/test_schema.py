@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from syncd import db
+from syncd.db import migrations as db
 from syncd.errors import MigrationError
 
 
@@ -87,12 +87,6 @@ async def test_segment_links_are_checked_by_the_database(conn: Any) -> None:
             "INSERT INTO syncd.segments (segment_key, api, criteo_segment_id, identifier_type)"
             " VALUES ('k', 'retail-media', '1', 'madid')"
         )
-
-
-def test_every_named_query_is_loaded() -> None:
-    names = db.load_queries()
-    assert {"plan_segment", "claim_chunk", "finish_chunk", "split_chunk"} <= set(names)
-    assert all(body.strip() for body in names.values())
 
 
 async def test_partitioning_the_inbox_keeps_waiting_changes(

@@ -1,5 +1,7 @@
 """One sync run, start to finish: plan and push concurrently, then record the totals.
 
+A run takes a Runtime (the pool and the Criteo client the process keeps for its life).
+
 The run holds a session advisory lock on a dedicated connection for its whole life;
 PostgreSQL drops it the moment the process dies, which is how another run knows it
 may take over this run's claimed chunks at once (see syncd.run_is_alive).
@@ -15,28 +17,22 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from syncd import plan
 from syncd.config import Settings
-from syncd.db import check_schema, connect, create_pool, query
+from syncd.db import connect, query
+from syncd.db.migrations import check_schema
 from syncd.errors import RunAbortingError
 from syncd.logging import get_logger
+from syncd.runtime import Runtime
 
 if TYPE_CHECKING:
-    from syncd.criteo import CriteoClient
     from syncd.push import Pusher, Sleep
 
 log = get_logger(__name__)
 
 IDLE_POLL_S = 0.5  # how often an idle worker looks again while others still work
-
-
-def _http_side() -> tuple[type[CriteoClient], type[Pusher]]:
-    """The HTTP half of a run. Importing aiohttp costs about 0.2 s of CPU, so a run
-    imports it in a thread while its first segments are being planned."""
-    from syncd.criteo import CriteoClient
-    from syncd.push import Pusher
-
-    return CriteoClient, Pusher
 
 
 @dataclass
@@ -72,14 +68,14 @@ class SyncRun:
 
     def __init__(
         self,
-        settings: Settings,
-        pool: Any,
+        runtime: Runtime,
         run_id: int,
         sleep: Sleep = asyncio.sleep,
         stop: asyncio.Event | None = None,
     ) -> None:
-        self.settings = settings
-        self.pool = pool
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.pool = runtime.pool
         self.run_id = run_id
         self.stop = stop or asyncio.Event()
         self._sleep = sleep
@@ -115,17 +111,16 @@ class SyncRun:
             await self._notify(self.settings.concurrency)
 
     async def _push(self) -> None:
-        client_class, pusher_class = await asyncio.to_thread(_http_side)
-        async with client_class.open(self.settings) as client:
-            pusher = pusher_class(
-                self.pool, client, self.settings, self.run_id, self._sleep, self.stop
-            )
-            async with asyncio.TaskGroup() as workers:
-                for _ in range(self.settings.concurrency):
-                    workers.create_task(self._worker(pusher))
-            released = await pusher.release()
+        client = await self.runtime.criteo()
+        from syncd.push import Pusher  # after the client: aiohttp is imported by then
+
+        pusher = Pusher(self.pool, client, self.settings, self.run_id, self._sleep, self.stop)
+        async with asyncio.TaskGroup() as workers:
+            for _ in range(self.settings.concurrency):
+                workers.create_task(self._worker(pusher))
+        released = await pusher.release()
         if released:
-            log.info("chunks_released", run_id=self.run_id, chunks=released)
+            log.info("chunks_released", chunks=released)
 
     async def _worker(self, pusher: Pusher) -> None:
         while not self.stop.is_set():
@@ -179,13 +174,25 @@ async def sync_once(
     sleep: Sleep = asyncio.sleep,
     stop: asyncio.Event | None = None,
 ) -> RunSummary:
-    """Run one sync now and return its summary (the CLI prints it)."""
+    """Open a runtime, run one sync in it, close it: `syncd sync`."""
+    async with Runtime.open(settings) as runtime:
+        return await run_sync(runtime, trigger=trigger, sleep=sleep, stop=stop)
+
+
+async def run_sync(
+    runtime: Runtime,
+    *,
+    trigger: str = "manual",
+    sleep: Sleep = asyncio.sleep,
+    stop: asyncio.Event | None = None,
+) -> RunSummary:
+    """Run one sync now in a runtime the caller keeps, and return its summary."""
     started = time.monotonic()
+    settings = runtime.settings
     lock_conn = await connect(settings)
-    pool = None
     try:
         await check_schema(lock_conn)
-        await lock_conn.execute(query("mark_dead_runs"))
+        dead = await lock_conn.fetch(query("mark_dead_runs"))
         async with lock_conn.transaction():
             # The row and the liveness lock become visible together.
             row = await lock_conn.fetchrow(
@@ -193,37 +200,38 @@ async def sync_once(
             )
             run_id = row["id"]
             await lock_conn.execute(query("hold_run_lock"), run_id)
-        await lock_conn.execute(query("rearm_failed_chunks"))
-        await lock_conn.fetchrow(query("prune_history"), settings.retention_days)
-        log.info(
-            "run_started",
-            run_id=run_id,
-            trigger=trigger,
-            target_window=row["target_window"].isoformat(),
-        )
-        pool = await create_pool(settings)
-        status, error = "succeeded", None
-        run: SyncRun | None = None
-        try:
-            run = SyncRun(settings, pool, run_id, sleep, stop)
-            await run.execute()
-        except asyncio.CancelledError:
-            status, error = "interrupted", "cancelled"
-            raise
-        except Exception as exc:  # recorded on the run row, then reported by the CLI
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            if run is not None and run.abort_error is not None:
-                status, error = "failed", str(run.abort_error)
-            elif run is not None and run.stop.is_set() and status == "succeeded":
-                status = "interrupted"
-            summary = await _finish(lock_conn, run_id, status, error, run, started)
-            summary.aborted = run is not None and run.abort_error is not None
-        return summary
+        with structlog.contextvars.bound_contextvars(run_id=run_id):
+            rearmed = await lock_conn.fetch(query("rearm_failed_chunks"))
+            pruned = await lock_conn.fetchrow(query("prune_history"), settings.retention_days)
+            log.info(
+                "run_started",
+                trigger=trigger,
+                target_window=row["target_window"].isoformat(),
+                dead_runs_marked=len(dead),
+                failed_chunks_rearmed=len(rearmed),
+                plans_pruned=pruned["plans"],
+                rejected_pruned=pruned["rejected"],
+            )
+            status, error = "succeeded", None
+            run: SyncRun | None = None
+            try:
+                run = SyncRun(runtime, run_id, sleep, stop)
+                await run.execute()
+            except asyncio.CancelledError:
+                status, error = "interrupted", "cancelled"
+                raise
+            except Exception as exc:  # recorded on the run row, then reported by the CLI
+                status, error = "failed", f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                if run is not None and run.abort_error is not None:
+                    status, error = "failed", str(run.abort_error)
+                elif run is not None and run.stop.is_set() and status == "succeeded":
+                    status = "interrupted"
+                summary = await _finish(lock_conn, run_id, status, error, run, started)
+                summary.aborted = run is not None and run.abort_error is not None
+            return summary
     finally:
-        if pool is not None:
-            await pool.close()
         await lock_conn.close()
 
 
@@ -271,7 +279,6 @@ async def _finish(
     summary.made_window = made
     log.info(
         "run_finished",
-        run_id=run_id,
         status=status,
         changes=summary.changes_consumed,
         rejected=summary.identifiers_rejected,

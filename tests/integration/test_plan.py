@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from syncd import plan, segments
+from syncd import links, plan
 
 
 def sha(text: str) -> str:
@@ -17,7 +17,7 @@ def sha(text: str) -> str:
 
 
 async def link(conn: Any, key: str, kind: str = "email", chunk_id: str = "1") -> None:
-    await segments.link(conn, segments.Link(key, chunk_id, kind))
+    await links.link(conn, links.Link(key, chunk_id, kind))
 
 
 async def add_changes(conn: Any, rows: Iterable[tuple[str, str | None, str]]) -> None:

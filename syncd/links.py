@@ -1,4 +1,5 @@
-"""Segment links: which Criteo contact-list segment each CRM segment key feeds."""
+"""Segment links: which Criteo contact-list segment each CRM segment key feeds
+(what `syncd segments link / unlink / list` manage)."""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 One :class:`SandboxState` per application (``app[SANDBOX_STATE]``) holds everything a
 running sandbox remembers, and tests read it directly through ``RunningSandbox.state``.
 It also holds the per-minute budget (:class:`RateLimiter`): like the tokens, it is what
-the sandbox remembers between calls, while ``syncd.sandbox_faults`` owns the setting.
+the sandbox remembers between calls, while ``faults`` owns the setting.
 
-This module knows nothing of routes or request bodies: the handlers in ``syncd.sandbox``
-and the Criteo rules in ``syncd.sandbox_contract`` act on it, never the other way round.
+This module knows nothing of routes or request bodies: the handlers in ``app``
+and the Criteo rules in ``contract`` act on it, never the other way round.
 """
 
 from __future__ import annotations
@@ -20,45 +20,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from syncd.sandbox_faults import FaultInjector
+from aiohttp import web
 
-RETAIL_MEDIA = "retail-media"
-MARKETING_SOLUTIONS = "marketing-solutions"
-LOG_SIZE = 10_000
-_RM_CONTACT_LIST_BASE = 523103620165619700  # above 2**53, as Criteo's ids are
-_RM_SEGMENT_BASE = 738406688413290496
-_MS_SEGMENT_BASE = 1000
-_RATE_WINDOW_S = 60.0
-
-# Canonical spellings per API, keyed by lower case: the SDK enums (Retail Media) and the
-# docs' enum (Marketing Solutions). Requests are matched case-insensitively.
-RM_TYPES = {
-    t.lower(): t for t in ("Email", "UserIdentifier", "IdentityLink", "CustomerId", "PhoneNumber")
-}
-MS_TYPES = {t.lower(): t for t in ("email", "madid", "identityLink", "gum", "phoneNumber")}
-
-
-@dataclass(frozen=True)
-class SandboxConfig:
-    client_id: str = "sandbox-client"
-    client_secret: str = "sandbox-secret"  # noqa: S105 - a fixture credential, not a secret
-    token_ttl_s: int = 900
-    latency_ms: float = 0.0  # added to every amendment/clear/stats request
-    latency_jitter_ms: float = 0.0  # uniform extra 0..jitter
-    # Retail Media add-remove answer: "docs" (counts under data.attributes), "sdk"
-    # (counts directly under data), "alternate" (switch on every request).
-    response_shape: str = "alternate"
-    rate_limit_per_minute: int | None = None
-    fault_rate_5xx: float = 0.0
-    fault_rate_429: float = 0.0
-    fault_rate_drop: float = 0.0  # apply the amendment, then drop the connection
-    retry_after_s: float = 1.0
-    seed: int | None = None
-    keep_members: bool = True  # False: only count, to save memory in the benchmark
-
-    def __post_init__(self) -> None:
-        if self.response_shape not in ("docs", "sdk", "alternate"):
-            raise ValueError("response_shape must be 'docs', 'sdk' or 'alternate'")
+from syncd.sandbox.config import (
+    LOG_SIZE,
+    MARKETING_SOLUTIONS,
+    MS_SEGMENT_BASE,
+    MS_TYPES,
+    RATE_WINDOW_S,
+    RETAIL_MEDIA,
+    RM_CONTACT_LIST_BASE,
+    RM_SEGMENT_BASE,
+    RM_TYPES,
+    SandboxConfig,
+)
+from syncd.sandbox.faults import FaultInjector
 
 
 def now_iso() -> str:
@@ -125,7 +101,7 @@ class RateLimiter:
         self._used = 0
 
     def _roll(self, now: float) -> float:
-        if self._window_start is None or now >= self._window_start + _RATE_WINDOW_S:
+        if self._window_start is None or now >= self._window_start + RATE_WINDOW_S:
             self._window_start = now
             self._used = 0
         return self._window_start
@@ -140,14 +116,14 @@ class RateLimiter:
 
     def retry_after_s(self) -> int:
         start = self._roll(self._clock())
-        return max(1, math.ceil(start + _RATE_WINDOW_S - self._clock()))
+        return max(1, math.ceil(start + RATE_WINDOW_S - self._clock()))
 
     def headers(self, limit: int) -> dict[str, str]:
         start = self._roll(self._clock())
         return {
             "x-ratelimit-limit": str(limit),
             "x-ratelimit-remaining": str(max(0, limit - self._used)),
-            "x-ratelimit-reset": str(math.ceil(start + _RATE_WINDOW_S)),
+            "x-ratelimit-reset": str(math.ceil(start + RATE_WINDOW_S)),
         }
 
 
@@ -188,7 +164,7 @@ class SandboxState:
         retailer_id: str | None = None,
     ) -> Segment:
         self._serial += 1
-        base = _RM_SEGMENT_BASE if api == RETAIL_MEDIA else _MS_SEGMENT_BASE
+        base = RM_SEGMENT_BASE if api == RETAIL_MEDIA else MS_SEGMENT_BASE
         sid = segment_id or str(base + self._serial)
         segment = Segment(
             id=sid,
@@ -198,7 +174,7 @@ class SandboxState:
             name=name or f"sandbox segment {sid}",
             description=description,
             retailer_id=retailer_id,
-            contact_list_id=_RM_CONTACT_LIST_BASE + self._serial,
+            contact_list_id=RM_CONTACT_LIST_BASE + self._serial,
             created_at=now_iso(),
         )
         self.segments[sid] = segment
@@ -265,3 +241,6 @@ class SandboxState:
             "max_in_flight": self.max_in_flight,
             "log": list(self.log),
         }
+
+
+SANDBOX_STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state")

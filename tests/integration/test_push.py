@@ -12,14 +12,15 @@ import pytest
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
-from syncd import segments
+from syncd import links
 from syncd.config import Settings
 from syncd.criteo import CriteoClient, parse_amendment, retry_after_s
+from syncd.criteo.pacing import Pacer
 from syncd.db import create_pool
 from syncd.plan import plan_segment
-from syncd.push import PAYLOAD_SLICE_BYTES, Pacer, Pusher, backoff_s
-from syncd.run import sync_once
+from syncd.push import PAYLOAD_SLICE_BYTES, Pusher, backoff_s
 from syncd.sandbox import RunningSandbox
+from syncd.sync import sync_once
 
 
 def sha(text: str) -> str:
@@ -32,7 +33,7 @@ async def setup_segments(
     for n in range(count):
         criteo_id = str(1000 + n)
         sandbox.state.add_segment(api, "42", "email", segment_id=criteo_id)
-        await segments.link(conn, segments.Link(f"s{n}", criteo_id, "email", api=api))
+        await links.link(conn, links.Link(f"s{n}", criteo_id, "email", api=api))
         await conn.execute(
             "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
             "SELECT $1, 'user' || g || '@example.com', 'add' FROM generate_series(1, $2) g",
@@ -136,7 +137,7 @@ async def test_invalid_counts_and_warnings_are_kept(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
     sandbox.state.add_segment("retail-media", "42", "email", segment_id="77")
-    await segments.link(conn, segments.Link("plain", "77", "email", send_as="plain"))
+    await links.link(conn, links.Link("plain", "77", "email", send_as="plain"))
     # Plain-text sending is the per-segment opt-in; the sandbox judges what it receives.
     await conn.execute(
         "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) VALUES "

@@ -3,7 +3,7 @@
 Amendment validation, which identifiers Criteo takes as valid for each type, applying
 an amendment to a segment's members, and the answer bodies of the amendment, clear,
 statistics, create and search calls, each in its API's documented shape. The handlers in
-``syncd.sandbox`` do the plumbing around these: versions, auth, faults, the request log.
+``syncd.sandbox.app`` do the plumbing around these: versions, auth, faults, the request log.
 
 These rules stand for Criteo's, so they must not share syncd's idea of what a valid
 identifier is: a bug there would otherwise pass unnoticed on both sides.
@@ -19,16 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from syncd.sandbox_faults import error_response, problem
-from syncd.sandbox_state import (
-    MARKETING_SOLUTIONS,
-    MS_TYPES,
-    RETAIL_MEDIA,
-    RM_TYPES,
-    SandboxState,
-    Segment,
-    now_iso,
-)
+from syncd.sandbox.config import MARKETING_SOLUTIONS, MS_TYPES, RETAIL_MEDIA, RM_TYPES
+from syncd.sandbox.errors import error_response, problem
+from syncd.sandbox.state import SandboxState, Segment, now_iso
 
 MAX_IDENTIFIERS = 50_000
 _AMEND_TYPES = {

@@ -1,0 +1,44 @@
+-- Segment links: which Criteo segment each CRM segment key feeds.
+-- Named blocks (`-- name: x`, then what it does); parameters are asyncpg's $1, $2, ...
+
+-- name: get_segment
+-- One segment link.
+SELECT * FROM syncd.segments WHERE segment_key = $1;
+
+-- name: get_segment_for_update
+-- One segment link, locked until the end of the transaction.
+SELECT * FROM syncd.segments WHERE segment_key = $1 FOR UPDATE;
+
+-- name: insert_segment
+-- Link a new segment key.
+INSERT INTO syncd.segments
+    (segment_key, api, criteo_segment_id, identifier_type, send_as, account_id, gum_caller_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: update_segment
+-- Re-point an existing link (same identifier type and send mode: planned chunks stay valid).
+UPDATE syncd.segments
+SET api = $2, criteo_segment_id = $3, account_id = $6, gum_caller_id = $7, updated_at = now()
+WHERE segment_key = $1 AND identifier_type = $4 AND send_as = $5;
+
+-- name: list_segments
+-- Every link, with its waiting changes and open chunks.
+SELECT s.*,
+    (SELECT count(*) FROM syncd.membership_changes m WHERE m.segment_key = s.segment_key)
+        AS waiting_changes,
+    (SELECT count(*) FROM syncd.chunks c WHERE c.segment_key = s.segment_key AND c.state <> 'done')
+        AS open_chunks
+FROM syncd.segments s
+ORDER BY s.segment_key;
+
+-- name: count_open_chunks
+-- Chunks of a segment not yet acknowledged.
+SELECT count(*) FROM syncd.chunks WHERE segment_key = $1 AND state <> 'done';
+
+-- name: discard_open_chunks
+-- Drop a segment's unacknowledged chunks (unlink --force).
+DELETE FROM syncd.chunks WHERE segment_key = $1 AND state <> 'done';
+
+-- name: delete_segment
+-- Remove a link.
+DELETE FROM syncd.segments WHERE segment_key = $1;

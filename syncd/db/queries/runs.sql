@@ -1,0 +1,87 @@
+-- Sync runs: their rows, liveness, housekeeping and totals.
+-- Named blocks (`-- name: x`, then what it does); parameters are asyncpg's $1, $2, ...
+
+-- name: start_run
+-- A new run row; its target is the next Criteo processing window (00:00 or 12:00 UTC).
+INSERT INTO syncd.sync_runs (trigger, host, pid, target_window)
+VALUES ($1, $2, $3,
+    date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    + CASE WHEN extract(hour FROM now() AT TIME ZONE 'UTC') < 12
+        THEN interval '12 hours' ELSE interval '24 hours' END)
+RETURNING id, target_window;
+
+-- name: hold_run_lock
+-- Held on the run's dedicated connection until it ends: syncd.run_is_alive() reads it.
+SELECT pg_advisory_lock(1937337955, ($1 % 2147483647)::int);
+
+-- name: mark_dead_runs
+-- Runs still 'running' whose process is gone (kill -9, crash) are marked crashed.
+UPDATE syncd.sync_runs SET status = 'crashed', finished_at = now()
+WHERE status = 'running' AND NOT syncd.run_is_alive(id)
+RETURNING id;
+
+-- name: rearm_failed_chunks
+-- A new run gives failed chunks a fresh set of attempts: the next run finishes the job.
+UPDATE syncd.chunks
+SET state = 'pending', attempts = 0, available_at = now(), owner_run_id = NULL, lease_until = NULL
+WHERE state = 'failed'
+RETURNING id;
+
+-- name: prune_history
+-- Forget acknowledged plans, and rejected identifiers, older than the retention period.
+WITH old_plans AS (
+    DELETE FROM syncd.plans p
+    WHERE p.created_at < now() - make_interval(days => $1)
+      AND NOT EXISTS (SELECT 1 FROM syncd.chunks c WHERE c.plan_id = p.id AND c.state <> 'done')
+    RETURNING 1
+), old_rejected AS (
+    DELETE FROM syncd.rejected_identifiers
+    WHERE rejected_at < now() - make_interval(days => $1)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM old_plans) AS plans, (SELECT count(*) FROM old_rejected) AS rejected;
+
+-- name: finish_run
+-- Close a run with its totals.
+UPDATE syncd.sync_runs
+SET status = $2, finished_at = now(), made_window = now() <= target_window,
+    changes_consumed = $3, identifiers_rejected = $4, chunks_planned = $5,
+    chunks_acknowledged = $6, chunks_failed = $7, chunks_left = $8, requests = $9,
+    identifiers_sent = $10, nb_valid_identifiers = $11, nb_invalid_identifiers = $12,
+    error = $13
+WHERE id = $1
+RETURNING made_window;
+
+-- name: claimed_elsewhere
+-- Whether another live run still holds chunks (this run waits for them: they may unblock
+-- later chunks of the same segments).
+SELECT EXISTS (
+    SELECT 1 FROM syncd.chunks
+    WHERE state = 'claimed' AND owner_run_id <> $1
+      AND lease_until >= now() AND syncd.run_is_alive(owner_run_id)
+);
+
+-- name: chunks_left
+-- Chunks not acknowledged at the end of a run (failed, or pending for a later run).
+SELECT count(*) FROM syncd.chunks WHERE state IN ('pending', 'failed');
+
+-- name: run_segment_report
+-- Per segment and operation: what a run sent and what Criteo said about it.
+SELECT a.segment_key, a.operation,
+    count(*) FILTER (WHERE a.outcome = 'acknowledged') AS chunks_acknowledged,
+    count(*) FILTER (WHERE a.outcome = 'failed') AS chunks_failed,
+    coalesce(sum(a.identifiers_sent) FILTER (WHERE a.outcome = 'acknowledged'), 0) AS sent,
+    coalesce(sum(a.nb_valid_identifiers), 0) AS valid,
+    coalesce(sum(a.nb_invalid_identifiers), 0) AS invalid,
+    sum(a.attempts) AS requests,
+    string_agg(DISTINCT a.error_code, ', ') AS error_codes
+FROM syncd.push_audit a
+WHERE a.run_id = $1
+GROUP BY a.segment_key, a.operation
+ORDER BY a.segment_key, a.operation;
+
+-- name: run_rejected_report
+-- Rejected identifiers of a run, per segment and reason.
+SELECT segment_key, reason, count(*) AS identifiers
+FROM syncd.rejected_identifiers WHERE run_id = $1
+GROUP BY segment_key, reason ORDER BY segment_key, reason;

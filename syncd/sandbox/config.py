@@ -1,0 +1,43 @@
+"""What a sandbox is started with, and the Criteo names it shares across its modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RETAIL_MEDIA = "retail-media"
+MARKETING_SOLUTIONS = "marketing-solutions"
+LOG_SIZE = 10_000
+RM_CONTACT_LIST_BASE = 523103620165619700  # above 2**53, as Criteo's ids are
+RM_SEGMENT_BASE = 738406688413290496
+MS_SEGMENT_BASE = 1000
+RATE_WINDOW_S = 60.0
+
+# Canonical spellings per API, keyed by lower case: the SDK enums (Retail Media) and the
+# docs' enum (Marketing Solutions). Requests are matched case-insensitively.
+RM_TYPES = {
+    t.lower(): t for t in ("Email", "UserIdentifier", "IdentityLink", "CustomerId", "PhoneNumber")
+}
+MS_TYPES = {t.lower(): t for t in ("email", "madid", "identityLink", "gum", "phoneNumber")}
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    client_id: str = "sandbox-client"
+    client_secret: str = "sandbox-secret"  # noqa: S105 - a fixture credential, not a secret
+    token_ttl_s: int = 900
+    latency_ms: float = 0.0  # added to every amendment/clear/stats request
+    latency_jitter_ms: float = 0.0  # uniform extra 0..jitter
+    # Retail Media add-remove answer: "docs" (counts under data.attributes), "sdk"
+    # (counts directly under data), "alternate" (switch on every request).
+    response_shape: str = "alternate"
+    rate_limit_per_minute: int | None = None
+    fault_rate_5xx: float = 0.0
+    fault_rate_429: float = 0.0
+    fault_rate_drop: float = 0.0  # apply the amendment, then drop the connection
+    retry_after_s: float = 1.0
+    seed: int | None = None
+    keep_members: bool = True  # False: only count, to save memory in the benchmark
+
+    def __post_init__(self) -> None:
+        if self.response_shape not in ("docs", "sdk", "alternate"):
+            raise ValueError("response_shape must be 'docs', 'sdk' or 'alternate'")
