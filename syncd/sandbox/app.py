@@ -106,14 +106,16 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
         "idempotency_key": request.headers.get("Idempotency-Key"),
         "at": time.time(),
     }
-    state.in_flight += 1
-    state.max_in_flight = max(state.max_in_flight, state.in_flight)
     try:
         # The whole body is read first, so a dropped connection is a clean disconnect
         # for the client rather than a reset in the middle of its upload.
         body, bad_json = await json_body(request)
         describe(body, entry)
         state.identifiers_received += entry["count"]
+        # In flight from here: body read, and the latency is read below with no await in
+        # between, so whoever sees this request in flight knows the latency it was given.
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
 
         def answer() -> web.Response:
             segment = _segment(state, request, api)
@@ -128,11 +130,13 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
             entry["applied"] = True
             return amendment_answer(state, segment, change, n_valid=n_valid, invalid=invalid)
 
-        response = await with_faults(request, state.faults, entry, answer)
+        try:
+            response = await with_faults(request, state.faults, entry, answer)
+        finally:
+            state.in_flight -= 1
         entry["status"] = 0 if isinstance(response, DroppedResponse) else response.status
         return response
     finally:
-        state.in_flight -= 1
         state.log.append(entry)
 
 
