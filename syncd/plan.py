@@ -156,7 +156,8 @@ async def preview(conn: Any, chunk_size: int) -> list[SegmentPlan]:
     tx = conn.transaction(isolation="repeatable_read")
     await tx.start()
     try:
-        run = await conn.fetchrow(query("start_run"), "plan", socket.gethostname(), os.getpid())
+        # A run row of its own id, not the sequence's: a preview uses up no run id.
+        run = await conn.fetchrow(query("start_preview_run"), socket.gethostname(), os.getpid())
         for segment in await conn.fetch(query("segments_to_plan")):
             plans.append(
                 await _plan(

@@ -59,8 +59,10 @@ def run_summary(summary: RunSummary) -> str:
                 ],
             )
         )
-    else:
+    elif not summary.waiting_unlinked:
         parts.append("nothing to send")
+    if summary.waiting_unlinked:
+        parts.append(_waiting_unlinked(summary.waiting_unlinked))
     if summary.rejected:
         parts.append("rejected identifiers (never sent; see syncd.rejected_identifiers):")
         parts.append(
@@ -70,6 +72,8 @@ def run_summary(summary: RunSummary) -> str:
             )
         )
     window = {True: "made the window", False: "MISSED the window", None: ""}[summary.made_window]
+    if summary.made_window is False and summary.status != "succeeded":
+        window = "did not make the window"  # work left, whatever the clock says
     parts.append(
         f"changes {summary.changes_consumed:,} · rejected {summary.identifiers_rejected:,} · "
         f"chunks planned {summary.chunks_planned:,} · acknowledged "
@@ -79,6 +83,44 @@ def run_summary(summary: RunSummary) -> str:
     if summary.error:
         parts.append(f"error: {summary.error}")
     return "\n".join(parts)
+
+
+def _recent_runs(recent: Sequence[Any]) -> str:
+    return table(
+        ["run", "status", "started", "changes", "rejected", "ok", "failed", "left", "window"],
+        [
+            [
+                r["id"],
+                r["status"],
+                r["started_at"],
+                r["changes_consumed"],
+                r["identifiers_rejected"],
+                r["chunks_acknowledged"],
+                r["chunks_failed"],
+                r["chunks_left"],
+                _window_cell(r["status"], r["made_window"]),
+            ]
+            for r in recent
+        ],
+    )
+
+
+def _window_cell(status: str, made: bool | None) -> str:
+    if made is None:
+        return "-"
+    if made:
+        return "made"
+    return "missed" if status == "succeeded" else "not made"
+
+
+def _waiting_unlinked(rows: Sequence[dict[str, Any]], shown: int = 5) -> str:
+    total = sum(r["changes"] for r in rows)
+    keys = ", ".join(r["segment_key"] for r in rows[:shown])
+    more = f" and {len(rows) - shown} more key(s)" if len(rows) > shown else ""
+    return (
+        f"{total:,} change(s) wait for a link: {keys}{more} "
+        "(kept until `syncd segments link`; see `syncd status`)"
+    )
 
 
 def plan_table(plans: Sequence[SegmentPlan], chunk_size: int) -> str:
@@ -118,29 +160,10 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
 
 
 async def status(conn: Any, runs: int = 5) -> str:
-    parts = ["recent runs:"]
-    recent = await conn.fetch(query("recent_runs"), runs)
-    parts.append(
-        table(
-            ["run", "status", "started", "changes", "rejected", "ok", "failed", "left", "window"],
-            [
-                [
-                    r["id"],
-                    r["status"],
-                    r["started_at"],
-                    r["changes_consumed"],
-                    r["identifiers_rejected"],
-                    r["chunks_acknowledged"],
-                    r["chunks_failed"],
-                    r["chunks_left"],
-                    {True: "made", False: "missed", None: "-"}[r["made_window"]],
-                ]
-                for r in recent
-            ],
-        )
-        if recent
-        else "  none yet"
-    )
+    parts = ["recent runs:" if runs else "recent runs: 0 shown (--runs 0)"]
+    if runs:
+        recent = await conn.fetch(query("recent_runs"), runs)
+        parts.append(_recent_runs(recent) if recent else "  none yet")
     open_chunks = await conn.fetch(query("open_chunks_summary"))
     parts.append("chunks not yet acknowledged:")
     parts.append(

@@ -2,18 +2,18 @@
 
 A run takes a Runtime (the pool and the Criteo client the process keeps for its life).
 
-The run holds a session advisory lock on a dedicated connection for its whole life;
-PostgreSQL drops it the moment the process dies, which is how another run knows it
-may take over this run's claimed chunks at once (see syncd.run_is_alive).
+The run holds a session advisory lock on a dedicated connection for its whole life and
+proves it on a heartbeat (syncd.liveness): a run that loses it stops claiming and sending
+at once and ends failed; another run takes over its claimed chunks only once none of its
+requests can still be in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +21,10 @@ import structlog
 
 from syncd import plan
 from syncd.config import Settings
-from syncd.db import connect, query
+from syncd.db import query
 from syncd.db.migrations import check_schema
 from syncd.errors import RunAbortingError
+from syncd.liveness import RunLock
 from syncd.logging import get_logger
 from syncd.runtime import Runtime
 
@@ -55,11 +56,15 @@ class RunSummary:
     made_window: bool | None = None
     segments: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    # Changes kept in the inbox because their segment key is not linked.
+    waiting_unlinked: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         if self.aborted:
             return 2  # the settings must change before any run can succeed
+        if self.status == "failed":
+            return 1
         return 0 if self.chunks_failed == 0 and self.chunks_left == 0 else 1
 
 
@@ -77,23 +82,49 @@ class SyncRun:
         self.settings = runtime.settings
         self.pool = runtime.pool
         self.run_id = run_id
-        self.stop = stop or asyncio.Event()
+        # The run's own stop: set by the caller's `stop` (relayed while the run executes)
+        # and by the loss of its liveness lock, which must not stop the caller's process.
+        self.stop = asyncio.Event()
+        self._caller_stop = stop
         self._sleep = sleep
         self.abort_error: RunAbortingError | None = None
+        self.liveness_lost: str | None = None
         self._in_flight = 0
         self._progress = asyncio.Condition()
         self.plans: list[plan.SegmentPlan] = []
         self.planning_s: float | None = None  # how long planning took, once done
 
-    async def execute(self) -> None:
+    async def execute(self, lock: RunLock | None = None) -> None:
         try:
-            async with asyncio.TaskGroup() as group:
+            async with self._watching(lock), asyncio.TaskGroup() as group:
                 group.create_task(self._plan())
                 group.create_task(self._push())
         except ExceptionGroup as failed:
             # Report what went wrong (a lost database, a bug), not "unhandled errors in a
             # TaskGroup": the first error, however deeply the task groups nest it.
             raise _first_error(failed) from failed
+
+    @contextlib.asynccontextmanager
+    async def _watching(self, lock: RunLock | None) -> AsyncIterator[None]:
+        """While the run executes: relay the caller's stop, and keep the liveness lock."""
+        watchers = []
+        if self._caller_stop is not None:
+            watchers.append(asyncio.create_task(_relay(self._caller_stop, self.stop)))
+        if lock is not None:
+            watchers.append(asyncio.create_task(lock.keep(self.lose_liveness)))
+        try:
+            yield
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    def lose_liveness(self, reason: str) -> None:
+        """The lock is gone: another run may soon take this run's chunks. Claim and send
+        nothing more (requests in flight end within the HTTP timeout), then end."""
+        self.liveness_lost = reason
+        self.stop.set()
+        log.error("run_liveness_lost", reason=reason)
 
     async def _plan(self) -> None:
         clock = time.monotonic()
@@ -167,6 +198,11 @@ def _first_error(group: BaseExceptionGroup[Exception]) -> Exception:
     return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
 async def sync_once(
     settings: Settings,
     *,
@@ -189,20 +225,15 @@ async def run_sync(
     """Run one sync now in a runtime the caller keeps, and return its summary."""
     started = time.monotonic()
     settings = runtime.settings
-    lock_conn = await connect(settings)
+    lock = await RunLock.open(settings)
     try:
-        await check_schema(lock_conn)
-        dead = await lock_conn.fetch(query("mark_dead_runs"))
-        async with lock_conn.transaction():
-            # The row and the liveness lock become visible together.
-            row = await lock_conn.fetchrow(
-                query("start_run"), trigger, socket.gethostname(), os.getpid()
-            )
-            run_id = row["id"]
-            await lock_conn.execute(query("hold_run_lock"), run_id)
+        await check_schema(lock.conn)
+        dead = await lock.conn.fetch(query("mark_dead_runs"))
+        row = await lock.start_run(trigger)
+        run_id = row["id"]
         with structlog.contextvars.bound_contextvars(run_id=run_id):
-            rearmed = await lock_conn.fetch(query("rearm_failed_chunks"))
-            pruned = await lock_conn.fetchrow(query("prune_history"), settings.retention_days)
+            rearmed = await lock.conn.fetch(query("rearm_failed_chunks"))
+            pruned = await lock.conn.fetchrow(query("prune_history"), settings.retention_days)
             log.info(
                 "run_started",
                 trigger=trigger,
@@ -216,7 +247,7 @@ async def run_sync(
             run: SyncRun | None = None
             try:
                 run = SyncRun(runtime, run_id, sleep, stop)
-                await run.execute()
+                await run.execute(lock)
             except asyncio.CancelledError:
                 status, error = "interrupted", "cancelled"
                 raise
@@ -226,13 +257,17 @@ async def run_sync(
             finally:
                 if run is not None and run.abort_error is not None:
                     status, error = "failed", str(run.abort_error)
+                elif run is not None and run.liveness_lost is not None:
+                    status, error = "failed", f"run liveness lost ({run.liveness_lost})"
                 elif run is not None and run.stop.is_set() and status == "succeeded":
                     status = "interrupted"
-                summary = await _finish(lock_conn, run_id, status, error, run, started)
+                # The pool, not the lock connection: that one may be what was lost.
+                async with runtime.pool.acquire() as conn:
+                    summary = await _finish(conn, run_id, status, error, run, started)
                 summary.aborted = run is not None and run.abort_error is not None
             return summary
     finally:
-        await lock_conn.close()
+        await lock.close()
 
 
 async def _finish(
@@ -258,6 +293,7 @@ async def _finish(
         summary.nb_invalid += seg["invalid"]
     summary.requests = sum(s["requests"] or 0 for s in summary.segments)
     summary.chunks_left = await conn.fetchval(query("chunks_left"))
+    summary.waiting_unlinked = [dict(r) for r in await conn.fetch(query("waiting_unlinked"))]
     if status == "succeeded" and (summary.chunks_failed or summary.chunks_left):
         summary.status = status = "failed"
     made = await conn.fetchval(
@@ -290,6 +326,7 @@ async def _finish(
         nb_valid=summary.nb_valid,
         nb_invalid=summary.nb_invalid,
         made_window=made,
+        changes_waiting_unlinked=sum(r["changes"] for r in summary.waiting_unlinked),
         duration_s=round(time.monotonic() - started, 3),
         planning_s=None if run is None or run.planning_s is None else round(run.planning_s, 3),
         error=error,

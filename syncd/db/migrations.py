@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from syncd.db import query
+from syncd.db.locks import MIGRATE, MIGRATION_LOCK_NAMESPACE
 from syncd.errors import MigrationError
 from syncd.logging import get_logger
 
 log = get_logger(__name__)
 
-# Two int4 keys for pg_advisory_*lock: 'sync' as an int4, then what the lock guards.
-LOCK_NAMESPACE = 0x73796E63
-LOCK_MIGRATE = 1
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -63,7 +61,10 @@ async def migrate(conn: Any, folder: Path | None = None) -> list[str]:
     wanted = load_migrations(folder)
     applied_now: list[str] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, LOCK_MIGRATE)
+        # A namespace of its own: never the key of a run's liveness lock (syncd.db.locks).
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)", MIGRATION_LOCK_NAMESPACE, MIGRATE
+        )
         await conn.execute(query("create_migrations_table"))
         done = {r["version"]: r for r in await conn.fetch(query("applied_migrations"))}
         for migration in wanted:

@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from syncd.db import migrations as db
+from syncd.db import query
 from syncd.sandbox import RunningSandbox
 from tests.helpers import (
     Change,
@@ -308,6 +309,8 @@ async def test_kill_9_mid_run_then_the_next_run_finishes_without_resending(
 ) -> None:
     concurrency = 2
     env = {**env, "SYNCD_CHUNK_SIZE": "1000", "SYNCD_CONCURRENCY": str(concurrency)}
+    # A 2 s HTTP timeout: the killed run's claims are free 3.5 s after its last heartbeat.
+    env |= {"SYNCD_HTTP_TIMEOUT_S": "2", "SYNCD_LEASE_S": "30"}
     await link_segment(env, sandbox, "a", "1001")
     await link_segment(env, sandbox, "b", "1002")
     changes: list[Change] = [("a", e, "add") for e in emails("a", 10_000)]
@@ -360,6 +363,15 @@ async def test_kill_9_mid_run_then_the_next_run_finishes_without_resending(
     assert len(resent) <= concurrency, sent
     assert all(n <= 2 for n in sent.values()), sent
     assert await run_statuses(conn) == ["crashed", "succeeded"]
+    # What the killed run had claimed went again only once none of its requests could
+    # still be in flight: after its last heartbeat plus the bound it recorded.
+    free_at = await conn.fetchval(
+        "SELECT extract(epoch FROM heartbeat_at) + takeover_after_s FROM syncd.sync_runs "
+        "WHERE status = 'crashed'"
+    )
+    for key in resent:
+        _, second = sorted(e["at"] for e in amendment_log(sandbox) if e["idempotency_key"] == key)
+        assert second >= float(free_at), (key, second, free_at)
 
 
 # --- 6. two concurrent runs -----------------------------------------------------------------------
@@ -374,9 +386,25 @@ async def test_two_concurrent_runs_send_each_chunk_once(
     changes: list[Change] = [("a", e, "add") for e in emails("a", 2_000)]
     changes += [("b", e, "add") for e in emails("b", 2_000)]
     await insert_changes(conn, changes)
-    await set_latency(sandbox, 100)
+    # 40 chunks of 300 ms at 4 at a time: one run alone needs 3 s, and an idle run looks
+    # for work every 0.5 s, so both runs push once both are up. Both come up before any
+    # chunk exists: the test holds both segments' plan locks until both runs wait on them.
+    await set_latency(sandbox, 300)
+    for key in ("a", "b"):
+        await conn.execute(query("lock_segment_plan"), key)
 
     runs = await asyncio.gather(Cli.start(env, "sync"), Cli.start(env, "sync"))
+
+    async def both_runs_wait_to_plan() -> bool:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return bool(waiting == 4)  # two runs, two segments each
+
+    await wait_until(both_runs_wait_to_plan, 20, "both runs to wait for the plan locks")
+    for key in ("a", "b"):
+        await conn.execute(query("unlock_segment_plan"), key)
     results = await asyncio.gather(*(r.finish(45) for r in runs))
     for result in results:
         assert result.code == 0, result
@@ -390,9 +418,15 @@ async def test_two_concurrent_runs_send_each_chunk_once(
     assert {e["status"] for e in amendment_log(sandbox)} == {200}
     assert members(sandbox, "1001") == expected_members(changes, "a")
     assert members(sandbox, "1002") == expected_members(changes, "b")
-    runs_rows = await conn.fetch("SELECT status, chunks_acknowledged FROM syncd.sync_runs")
+    runs_rows = await conn.fetch(
+        "SELECT id, status, chunks_acknowledged FROM syncd.sync_runs ORDER BY id"
+    )
     assert [r["status"] for r in runs_rows] == ["succeeded", "succeeded"]
     assert sum(r["chunks_acknowledged"] for r in runs_rows) == 40
+    # Both runs really worked: each acknowledged some of the chunks.
+    assert all(r["chunks_acknowledged"] >= 1 for r in runs_rows), runs_rows
+    by_run = Counter(r["run_id"] for r in await audit(conn) if r["outcome"] == "acknowledged")
+    assert set(by_run) == {r["id"] for r in runs_rows}, by_run
 
 
 # --- 7. order per segment across plans ------------------------------------------------------------

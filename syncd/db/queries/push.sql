@@ -3,7 +3,8 @@
 
 -- name: claim_chunk
 -- Claim the next chunk this run may send, in one short statement:
---   pending and due, or claimed by a run whose lease ran out or whose process is gone;
+--   pending and due, or claimed by a run whose lease ran out or that is gone (no lock,
+--   and its last heartbeat older than its takeover bound: none of its requests in flight);
 --   and no chunk of an earlier plan of the same segment still open (order per segment).
 -- Returns the chunk, its link, and the size of its payload (streamed by payload_slice).
 WITH next AS (
@@ -14,7 +15,7 @@ WITH next AS (
           (c.state = 'pending' AND c.available_at <= now())
           -- (this run is alive: its own claims need no look at pg_locks)
           OR (c.state = 'claimed' AND c.owner_run_id <> $1
-              AND (c.lease_until < now() OR NOT syncd.run_is_alive(c.owner_run_id)))
+              AND (c.lease_until < now() OR syncd.run_is_gone(c.owner_run_id)))
       )
       AND NOT EXISTS (
           SELECT 1 FROM syncd.chunks e
@@ -40,10 +41,17 @@ FROM syncd.chunks WHERE id = $1 AND owner_run_id = $4 AND state = 'claimed';
 
 -- name: extend_lease
 -- Before each HTTP attempt: renew the lease and count the attempt, or learn that the
--- lease was lost (no row).
+-- lease was lost (no row). Also no row once the run's last heartbeat is older than it
+-- vouches for: a run that may have lost its liveness lock sends nothing more.
 UPDATE syncd.chunks
 SET lease_until = now() + make_interval(secs => $3), attempts = attempts + 1
 WHERE id = $1 AND owner_run_id = $2 AND state = 'claimed'
+  AND EXISTS (
+      SELECT 1 FROM syncd.sync_runs r
+      WHERE r.id = $2
+        AND (r.heartbeat_valid_s IS NULL
+             OR r.heartbeat_at > now() - make_interval(secs => r.heartbeat_valid_s))
+  )
 RETURNING id;
 
 -- name: finish_chunk

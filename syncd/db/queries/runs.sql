@@ -3,16 +3,52 @@
 
 -- name: start_run
 -- A new run row; its target is the next Criteo processing window (00:00 or 12:00 UTC).
-INSERT INTO syncd.sync_runs (trigger, host, pid, target_window)
+-- Its first heartbeat is now; $4: how long a heartbeat vouches for its sends, $5: how long
+-- after its last heartbeat none of its requests can still be in flight (see 0007).
+INSERT INTO syncd.sync_runs
+    (trigger, host, pid, target_window, heartbeat_at, heartbeat_valid_s, takeover_after_s)
 VALUES ($1, $2, $3,
     date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
     + CASE WHEN extract(hour FROM now() AT TIME ZONE 'UTC') < 12
-        THEN interval '12 hours' ELSE interval '24 hours' END)
+        THEN interval '12 hours' ELSE interval '24 hours' END,
+    now(), $4, $5)
 RETURNING id, target_window;
+
+-- name: start_preview_run
+-- The run row `syncd plan` plans under, in a transaction it rolls back: an id of its own
+-- (minus the backend's pid, unique among sessions) so that no run id is used up.
+INSERT INTO syncd.sync_runs (id, trigger, host, pid, target_window)
+OVERRIDING SYSTEM VALUE
+VALUES (-pg_backend_pid(), 'plan', $1, $2, now())
+RETURNING id;
 
 -- name: hold_run_lock
 -- Held on the run's dedicated connection until it ends: syncd.run_is_alive() reads it.
+-- The key is syncd.db.locks.RUN_LOCK_NAMESPACE and the run id.
 SELECT pg_advisory_lock(1937337955, ($1 % 2147483647)::int);
+
+-- name: keep_lock_connection_alive
+-- The lock connection sits idle between heartbeats: no idle_session_timeout (PostgreSQL
+-- 14+) for it, and TCP keepalives from the server so a dead peer or a silent proxy is
+-- noticed (they do not apply to Unix sockets). Named for pg_stat_activity.
+DO $$
+BEGIN
+    PERFORM set_config('application_name', 'syncd run lock', false);
+    PERFORM set_config('tcp_keepalives_idle', '30', false);
+    PERFORM set_config('tcp_keepalives_interval', '10', false);
+    PERFORM set_config('tcp_keepalives_count', '3', false);
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        PERFORM set_config('idle_session_timeout', '0', false);
+    END IF;
+END
+$$;
+
+-- name: run_heartbeat
+-- From the lock connection: the run still holds its lock, said with the time; no row when
+-- it does not (then the run stops).
+UPDATE syncd.sync_runs SET heartbeat_at = now()
+WHERE id = $1 AND syncd.run_is_alive($1)
+RETURNING id;
 
 -- name: mark_dead_runs
 -- Runs still 'running' whose process is gone (kill -9, crash) are marked crashed.
@@ -42,9 +78,9 @@ WITH old_plans AS (
 SELECT (SELECT count(*) FROM old_plans) AS plans, (SELECT count(*) FROM old_rejected) AS rejected;
 
 -- name: finish_run
--- Close a run with its totals.
+-- Close a run with its totals. Only a run that finished its work made the window.
 UPDATE syncd.sync_runs
-SET status = $2, finished_at = now(), made_window = now() <= target_window,
+SET status = $2, finished_at = now(), made_window = $2 = 'succeeded' AND now() <= target_window,
     changes_consumed = $3, identifiers_rejected = $4, chunks_planned = $5,
     chunks_acknowledged = $6, chunks_failed = $7, chunks_left = $8, requests = $9,
     identifiers_sent = $10, nb_valid_identifiers = $11, nb_invalid_identifiers = $12,
@@ -53,12 +89,12 @@ WHERE id = $1
 RETURNING made_window;
 
 -- name: claimed_elsewhere
--- Whether another live run still holds chunks (this run waits for them: they may unblock
--- later chunks of the same segments).
+-- Whether another run still holds chunks that this run may not take over yet (this run
+-- waits for them: they may unblock later chunks of the same segments).
 SELECT EXISTS (
     SELECT 1 FROM syncd.chunks
     WHERE state = 'claimed' AND owner_run_id <> $1
-      AND lease_until >= now() AND syncd.run_is_alive(owner_run_id)
+      AND lease_until >= now() AND NOT syncd.run_is_gone(owner_run_id)
 );
 
 -- name: chunks_left

@@ -9,11 +9,35 @@ FROM syncd.chunks WHERE state <> 'done'
 GROUP BY state ORDER BY state;
 
 -- name: recent_runs
--- The latest runs, newest first.
-SELECT id, trigger, status, started_at, finished_at, target_window, made_window,
-    changes_consumed, identifiers_rejected, chunks_planned, chunks_acknowledged, chunks_failed,
-    chunks_left, identifiers_sent, nb_valid_identifiers, nb_invalid_identifiers, error
-FROM syncd.sync_runs ORDER BY id DESC LIMIT $1;
+-- The latest runs, newest first. Totals come from the run's plans and audit rows, so a
+-- run killed before it wrote its own totals still shows what it did (greatest(): the
+-- row's figures once its plans are pruned). What was left is known only at a clean end.
+SELECT r.id, r.trigger, r.status, r.started_at, r.finished_at, r.target_window, r.made_window,
+    greatest(r.changes_consumed, p.changes) AS changes_consumed,
+    greatest(r.identifiers_rejected, p.rejected) AS identifiers_rejected,
+    greatest(r.chunks_planned, p.chunks) AS chunks_planned,
+    greatest(r.chunks_acknowledged, a.acknowledged) AS chunks_acknowledged,
+    greatest(r.chunks_failed, a.failed) AS chunks_failed,
+    CASE WHEN r.status IN ('running', 'crashed') THEN NULL ELSE r.chunks_left END AS chunks_left,
+    greatest(r.identifiers_sent, a.sent) AS identifiers_sent,
+    greatest(r.nb_valid_identifiers, a.valid) AS nb_valid_identifiers,
+    greatest(r.nb_invalid_identifiers, a.invalid) AS nb_invalid_identifiers,
+    r.error
+FROM (SELECT * FROM syncd.sync_runs ORDER BY id DESC LIMIT $1) r
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(changes_consumed), 0) AS changes, coalesce(sum(rejected), 0) AS rejected,
+        coalesce(sum(chunks), 0) AS chunks
+    FROM syncd.plans WHERE run_id = r.id
+) p
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE outcome = 'acknowledged') AS acknowledged,
+        count(*) FILTER (WHERE outcome = 'failed') AS failed,
+        coalesce(sum(identifiers_sent) FILTER (WHERE outcome = 'acknowledged'), 0) AS sent,
+        coalesce(sum(nb_valid_identifiers), 0) AS valid,
+        coalesce(sum(nb_invalid_identifiers), 0) AS invalid
+    FROM syncd.push_audit WHERE run_id = r.id
+) a
+ORDER BY r.id DESC;
 
 -- name: failed_chunks
 -- Chunks left failing, with the reason of their last attempt.
