@@ -76,6 +76,8 @@ async def test_a_run_that_loses_its_lock_stops_and_its_chunk_is_not_taken_over_a
         first = asyncio.create_task(sync_once(settings))
 
         async def request_in_flight() -> bool:
+            if first.done():
+                raise AssertionError(f"run 1 ended first: {first.result()}")
             return sandbox.state.in_flight == 1
 
         await wait_until(request_in_flight, 20, "run 1's first request at the sandbox")
