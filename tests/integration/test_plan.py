@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,6 +17,7 @@ from syncd import links, plan
 from syncd.config import Settings
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
+from tests.integration.test_links import blocked_or_done
 
 
 def sha(text: str) -> str:
@@ -290,3 +293,37 @@ async def test_one_segments_failing_plan_does_not_stop_the_others(
     assert "huge0@x.com" not in repr(logs) and sha("huge0@x.com") not in repr(logs)
     run = await conn.fetchrow("SELECT status, error FROM syncd.sync_runs")
     assert run["status"] == "failed" and "huge" in run["error"]
+
+
+CRM_TRIGGER = Path(__file__).parents[2] / "sql" / "examples" / "crm_trigger.sql"
+
+
+async def test_the_example_crm_trigger_makes_id_order_follow_commit_order(
+    conn: Any, database_url: str
+) -> None:
+    """Defect 16: with the example trigger, a second CRM transaction changing the same
+    membership waits for the first to commit before its change gets an id, so the plan's
+    'highest id wins' keeps what the CRM committed last."""
+    await conn.execute(
+        "CREATE SCHEMA crm; CREATE TABLE crm.segment_members (segment_key text NOT NULL,"
+        " email text NOT NULL); CREATE UNIQUE INDEX segment_members_person"
+        " ON crm.segment_members (segment_key, lower(btrim(email)))"
+    )
+    await conn.execute(CRM_TRIGGER.read_text())
+    await link(conn, "vip")
+    await conn.execute("INSERT INTO crm.segment_members VALUES ('vip', 'jane@x.com')")
+    first = await asyncpg.connect(database_url)
+    second = await asyncpg.connect(database_url)
+    try:
+        async with first.transaction():
+            await first.execute("UPDATE crm.segment_members SET email = 'Jane@x.com'")
+            later = asyncio.ensure_future(second.execute("DELETE FROM crm.segment_members"))
+            assert await blocked_or_done(conn, later, second.get_server_pid())
+        await later  # the delete committed after the update, and drew its id after it
+    finally:
+        await first.close()
+        await second.close()
+    inbox = await conn.fetch("SELECT operation FROM syncd.membership_changes ORDER BY id")
+    assert [r["operation"] for r in inbox] == ["add", "remove", "add", "remove"]
+    p = await plan_one(conn, "vip")
+    assert (p.adds, p.removes) == (0, 1)  # Jane left the segment: the CRM's last word
