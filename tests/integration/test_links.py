@@ -365,3 +365,48 @@ async def test_list_links_counts_waiting_changes_and_open_chunks(
         "1",
         "email",
     )
+
+
+async def test_repointing_a_marketing_solutions_link_says_where_open_chunks_go(
+    conn: Any, settings: Settings
+) -> None:
+    ms = {"api": "marketing-solutions", "account_id": "7", "gum_caller_id": 5}
+    assert (await links.link(conn, links.Link("fans", "1", "gum", **ms))).action == "linked"
+    moved = await links.link(conn, links.Link("fans", "2", "gum", **ms))
+    assert moved.summary == "updated fans -> marketing-solutions segment 2"
+    assert await plan_chunks(conn, settings, [("fans", "g1", "add")]) == 1
+    forced = await links.link(
+        conn, links.Link("fans", "3", "gum", **{**ms, "gum_caller_id": 6}), force=True
+    )
+    assert forced.summary == (
+        "updated fans -> marketing-solutions segment 3; its 1 open chunk(s) still go to "
+        "marketing-solutions segment 2 (account 7) (gumCallerId 5), the target they were "
+        "planned for (changes planned from now on go to the new target)"
+    )
+    row = await conn.fetchrow("SELECT criteo_segment_id, gum_caller_id, send_as FROM syncd.chunks")
+    assert tuple(row.values()) == ("2", 5, "sha256")
+
+
+async def test_a_plan_waits_for_a_link_change_in_progress_then_uses_the_new_link(
+    conn: Any, database_url: str
+) -> None:
+    """The link is being changed when the plan starts: the plan waits for it, meets a
+    serialization failure (REPEATABLE READ), and plans again with the committed link."""
+    await links.link(conn, links.Link("vip", "1", "email"))
+    await insert_changes(conn, [("vip", "a@x.com", "add")])
+    other = await asyncpg.connect(database_url)
+    planner = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute(query("get_segment_for_update"), "vip")
+            await other.execute("UPDATE syncd.segments SET criteo_segment_id = '2'")
+            planning = asyncio.ensure_future(
+                plan.plan_segment(planner, await new_run(conn), "vip", 50_000)
+            )
+            assert await blocked_or_done(conn, planning, planner.get_server_pid())
+        planned = await planning
+    finally:
+        await other.close()
+        await planner.close()
+    assert planned is not None and planned.adds == 1
+    assert await conn.fetchval("SELECT criteo_segment_id FROM syncd.chunks") == "2"
