@@ -42,11 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--identifier-type", required=True, help="email, phoneNumber, madid, ...")
     ln.add_argument("--api", default="retail-media", help="retail-media or marketing-solutions")
     ln.add_argument("--account-id", help="Criteo account (Retail Media) or advertiser id")
-    ln.add_argument("--gum-caller-id", type=int, help="required for identifier type gum")
+    ln.add_argument("--gum-caller-id", type=_ascii_int, help="required for identifier type gum")
     ln.add_argument(
         "--send-as",
         default="sha256",
         help="sha256 (default: emails and phones hashed) or plain (sent normalised, unhashed)",
+    )
+    ln.add_argument(
+        "--force",
+        action="store_true",
+        help="re-point even while chunks are unsent (they still go to their old target)",
     )
     seg_sub.add_parser("list", help="list the links")
     un = seg_sub.add_parser("unlink", help="remove a link")
@@ -65,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
     dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
     return p
+
+
+def _ascii_int(text: str) -> int:
+    """A whole number in ASCII digits (int() would also take '١٢٣', '1_0' and '²')."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +160,7 @@ async def _segments(conn: Any, args: argparse.Namespace) -> int:
         dropped = await links.unlink(conn, args.key, force=args.force)
         print(f"unlinked {args.key}" + (f" (dropped {dropped} unsent chunk(s))" if dropped else ""))
         return 0
-    result = await links.link(
+    outcome = await links.link(
         conn,
         links.Link(
             segment_key=args.key,
@@ -159,6 +171,7 @@ async def _segments(conn: Any, args: argparse.Namespace) -> int:
             account_id=args.account_id,
             gum_caller_id=args.gum_caller_id,
         ),
+        force=args.force,
     )
-    print(f"{result} {args.key} -> {args.api} segment {args.segment_id}")
+    print(outcome.summary)
     return 0

@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from syncd.db import query
 from syncd.errors import UsageError
 from syncd.identifiers import APIS, MARKETING_SOLUTIONS, SEND_AS, parse_type
+
+# Criteo's gumCallerId is a 32-bit integer; an advertiser's caller id is positive.
+GUM_CALLER_ID_MAX = 2**31 - 1
+
+LinkAction = Literal["linked", "updated", "unchanged"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,8 @@ def validate(link: Link) -> Link:
         raise UsageError("the segment key must not be empty")
     if link.api not in APIS:
         raise UsageError(f"unknown API {link.api!r}; use one of {', '.join(APIS)}")
-    if not link.criteo_segment_id.isdigit():
+    # isascii: str.isdigit alone takes '١٢٣' and '²', which Criteo's ids never contain.
+    if not (link.criteo_segment_id.isascii() and link.criteo_segment_id.isdigit()):
         raise UsageError(
             f"--segment-id must be Criteo's numeric segment id, not {link.criteo_segment_id!r}"
         )
@@ -39,6 +46,11 @@ def validate(link: Link) -> Link:
         raise UsageError("identifier type gum needs --gum-caller-id (Criteo requires it)")
     if link.gum_caller_id is not None and link.api != MARKETING_SOLUTIONS:
         raise UsageError("--gum-caller-id only applies to the marketing-solutions API")
+    if link.gum_caller_id is not None and not 1 <= link.gum_caller_id <= GUM_CALLER_ID_MAX:
+        raise UsageError(
+            f"--gum-caller-id must be a positive 32-bit integer (1 to {GUM_CALLER_ID_MAX}), "
+            f"as Criteo takes it; not {link.gum_caller_id}"
+        )
     return Link(
         segment_key=link.segment_key.strip(),
         criteo_segment_id=link.criteo_segment_id,
@@ -50,8 +62,34 @@ def validate(link: Link) -> Link:
     )
 
 
-async def link(conn: Any, wanted: Link) -> str:
-    """Create or re-point a link; returns 'linked' or 'updated'."""
+@dataclass(frozen=True)
+class LinkOutcome:
+    """What `link` did. Open chunks keep the target they were planned for (each chunk
+    records its own), so a forced re-point redirects only changes planned afterwards."""
+
+    action: LinkAction
+    link: Link
+    open_chunks: int = 0
+    open_targets: tuple[str, ...] = ()
+
+    @property
+    def summary(self) -> str:
+        target = f"{self.link.api} segment {self.link.criteo_segment_id}"
+        if self.action == "unchanged":
+            return f"{self.link.segment_key} already links to {target}"
+        said = f"{self.action} {self.link.segment_key} -> {target}"
+        if self.action == "updated" and self.open_chunks:
+            said += (
+                f"; its {self.open_chunks} open chunk(s) still go to "
+                f"{' and '.join(self.open_targets)}, the target they were planned for "
+                "(changes planned from now on go to the new target)"
+            )
+        return said
+
+
+async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
+    """Create or re-point a link. Re-pointing a key whose chunks are not all acknowledged
+    is refused unless forced; forced, those chunks still go where they were planned for."""
     new = validate(wanted)
     args = (
         new.segment_key,
@@ -63,27 +101,76 @@ async def link(conn: Any, wanted: Link) -> str:
         new.gum_caller_id,
     )
     async with conn.transaction():
+        # Locked first: a plan of this key in progress finishes, and its chunks count.
         current = await conn.fetchrow(query("get_segment_for_update"), new.segment_key)
+        targets = await conn.fetch(query("open_chunk_targets"), new.segment_key)
+        _refuse_untargeted(new.segment_key, targets)
+        open_chunks = sum(r["chunks"] for r in targets)
         if current is None:
             await conn.execute(query("insert_segment"), *args)
-            return "linked"
+            return LinkOutcome("linked", new)
         if (current["identifier_type"], current["send_as"]) != (new.identifier_type, new.send_as):
-            # Planned chunks hold values normalised for the old type: they would be wrong.
+            # Planned chunks hold values normalised for the old type: a new link, not a
+            # re-point, even forced.
             raise UsageError(
                 f"{new.segment_key!r} is linked with identifier type {current['identifier_type']} "
                 f"(sent as {current['send_as']}); a different type or hashing needs "
                 f"`syncd segments unlink {new.segment_key}` first"
             )
+        described = tuple(_describe(r) for r in targets)
+        if _target_of(current) == (
+            new.api,
+            new.criteo_segment_id,
+            new.account_id,
+            new.gum_caller_id,
+        ):
+            return LinkOutcome("unchanged", new, open_chunks, described)
+        if open_chunks and not force:
+            raise UsageError(
+                f"{new.segment_key!r} has {open_chunks} chunk(s) not yet acknowledged, planned "
+                f"for {' and '.join(described)}; re-pointing does not move them. Run "
+                "`syncd sync` first, or re-point with --force: they still go to the target "
+                "they were planned for, and only changes planned afterwards go to "
+                f"{new.api} segment {new.criteo_segment_id}"
+            )
         await conn.execute(query("update_segment"), *args)
-        return "updated"
+        return LinkOutcome("updated", new, open_chunks, described)
+
+
+def _target_of(row: Any) -> tuple[Any, ...]:
+    return (row["api"], row["criteo_segment_id"], row["account_id"], row["gum_caller_id"])
+
+
+def _describe(target: Any) -> str:
+    said = f"{target['api']} segment {target['criteo_segment_id']}"
+    if target["account_id"] is not None:
+        said += f" (account {target['account_id']})"
+    if target["gum_caller_id"] is not None:
+        said += f" (gumCallerId {target['gum_caller_id']})"
+    return said
+
+
+def _refuse_untargeted(segment_key: str, targets: Sequence[Any]) -> None:
+    """Chunks with no target can never be sent, and the key's new chunks would wait
+    behind them for ever (plans of one key go in order)."""
+    stuck = sum(r["chunks"] for r in targets if r["api"] is None)
+    if stuck:
+        raise UsageError(
+            f"{segment_key!r} has {stuck} chunk(s) planned before syncd recorded the "
+            "target of each chunk, for a link since removed or changed: they can never be "
+            f"sent. Drop them with `syncd segments unlink {segment_key} --force` first"
+        )
 
 
 async def unlink(conn: Any, segment_key: str, *, force: bool = False) -> int:
-    """Remove a link; refuses while chunks are unsent unless forced (they are then dropped)."""
+    """Remove a link; refuses while chunks are unsent unless forced (they are then
+    dropped). Forced, it also drops the chunks of a key that is no longer linked."""
     async with conn.transaction():
-        if await conn.fetchrow(query("get_segment"), segment_key) is None:
+        current = await conn.fetchrow(query("get_segment_for_update"), segment_key)
+        targets = await conn.fetch(query("open_chunk_targets"), segment_key)
+        open_chunks = sum(r["chunks"] for r in targets)
+        if current is None and not open_chunks:
             raise UsageError(f"{segment_key!r} is not linked")
-        open_chunks = await conn.fetchval(query("count_open_chunks"), segment_key)
         if open_chunks and not force:
             raise UsageError(
                 f"{segment_key!r} has {open_chunks} chunk(s) not yet acknowledged by Criteo; "

@@ -192,6 +192,25 @@ async def status(conn: Any, runs: int = 5) -> str:
                 ],
             )
         )
+    unsendable = await conn.fetch(query("unsendable_chunks"))
+    if unsendable:
+        parts.append("chunks that cannot be sent (other segments go on without them):")
+        parts.append(
+            table(
+                ["key", "chunks", "identifiers", "why"],
+                [
+                    [
+                        u["segment_key"],
+                        u["chunks"],
+                        u["identifiers"],
+                        "no target recorded (planned before upgrade 0006 for a link since "
+                        f"removed or changed): `syncd segments unlink {u['segment_key']} "
+                        "--force` drops them",
+                    ]
+                    for u in unsendable
+                ],
+            )
+        )
     linked_waiting = await conn.fetchval(query("waiting_linked"))
     parts.append(f"changes waiting for the next plan (linked segments): {linked_waiting:,}")
     unlinked = await conn.fetch(query("waiting_unlinked"))

@@ -46,6 +46,7 @@ class RunSummary:
     chunks_acknowledged: int = 0
     chunks_failed: int = 0
     chunks_left: int = 0
+    plans_failed: int = 0
     requests: int = 0
     identifiers_sent: int = 0
     nb_valid: int = 0
@@ -65,7 +66,8 @@ class RunSummary:
             return 2  # the settings must change before any run can succeed
         if self.status == "failed":
             return 1
-        return 0 if self.chunks_failed == 0 and self.chunks_left == 0 else 1
+        work_left = self.chunks_failed or self.chunks_left or self.plans_failed
+        return 1 if work_left else 0
 
 
 class SyncRun:
@@ -92,6 +94,7 @@ class SyncRun:
         self._in_flight = 0
         self._progress = asyncio.Condition()
         self.plans: list[plan.SegmentPlan] = []
+        self.plan_failures: list[plan.PlanFailure] = []
         self.planning_s: float | None = None  # how long planning took, once done
 
     async def execute(self, lock: RunLock | None = None) -> None:
@@ -129,7 +132,7 @@ class SyncRun:
     async def _plan(self) -> None:
         clock = time.monotonic()
         try:
-            self.plans = await plan.plan_all(
+            self.plans, self.plan_failures = await plan.plan_all(
                 self.pool,
                 self.run_id,
                 self.settings.chunk_size,
@@ -294,7 +297,15 @@ async def _finish(
     summary.requests = sum(s["requests"] or 0 for s in summary.segments)
     summary.chunks_left = await conn.fetchval(query("chunks_left"))
     summary.waiting_unlinked = [dict(r) for r in await conn.fetch(query("waiting_unlinked"))]
-    if status == "succeeded" and (summary.chunks_failed or summary.chunks_left):
+    failures = run.plan_failures if run else []
+    summary.plans_failed = len(failures)
+    if failures and error is None:
+        keys = ", ".join(sorted(f.segment_key for f in failures))
+        error = summary.error = (
+            f"the plan of {len(failures)} segment(s) failed ({keys}); their changes stay "
+            "in the inbox for the next run (see plan_failed in the log)"
+        )
+    if status == "succeeded" and summary.exit_code:
         summary.status = status = "failed"
     made = await conn.fetchval(
         query("finish_run"),
@@ -322,6 +333,7 @@ async def _finish(
         chunks_acknowledged=summary.chunks_acknowledged,
         chunks_failed=summary.chunks_failed,
         chunks_left=summary.chunks_left,
+        plans_failed=summary.plans_failed,
         identifiers_sent=summary.identifiers_sent,
         nb_valid=summary.nb_valid,
         nb_invalid=summary.nb_invalid,

@@ -97,6 +97,7 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
     state = request.app[SANDBOX_STATE]
     entry: dict[str, Any] = {
         "segment_id": request.match_info["segment_id"],
+        "method": request.method,
         "operation": None,
         "identifier_type": None,
         "count": 0,

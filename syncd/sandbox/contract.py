@@ -91,6 +91,8 @@ def describe(body: Any, entry: dict[str, Any]) -> None:
             entry[name] = attrs[key]
     if isinstance(attrs.get("identifiers"), list):
         entry["count"] = len(attrs["identifiers"])
+    if "gumCallerId" in attrs:
+        entry["gum_caller_id"] = attrs["gumCallerId"]
 
 
 def validate_amendment(body: Any, api: str, segment: Segment) -> Amendment | web.Response:

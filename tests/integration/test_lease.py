@@ -43,7 +43,7 @@ async def plan_changes(
             "VALUES ($1, $2, $3)",
             [(key, identifier, operation) for identifier, operation in rows],
         )
-        await plan_segment(conn, run_id, key, "email", "sha256", chunk_size)
+        await plan_segment(conn, run_id, key, chunk_size)
 
 
 @asynccontextmanager

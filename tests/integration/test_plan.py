@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
+from structlog.testing import capture_logs
 
 from syncd import links, plan
+from syncd.config import Settings
+from syncd.sandbox import RunningSandbox
+from syncd.sync import sync_once
+from tests.integration.test_links import blocked_or_done
 
 
 def sha(text: str) -> str:
@@ -37,10 +45,9 @@ async def new_run(conn: Any) -> int:
 
 async def plan_one(conn: Any, key: str, chunk_size: int = 50_000) -> plan.SegmentPlan:
     run_id = await new_run(conn)
-    seg = await conn.fetchrow("SELECT * FROM syncd.segments WHERE segment_key = $1", key)
-    return await plan.plan_segment(
-        conn, run_id, key, seg["identifier_type"], seg["send_as"], chunk_size
-    )
+    planned = await plan.plan_segment(conn, run_id, key, chunk_size)
+    assert planned is not None
+    return planned
 
 
 async def chunk_payloads(conn: Any, key: str) -> dict[str, set[str]]:
@@ -236,3 +243,87 @@ async def test_preview_changes_nothing(conn: Any) -> None:
     assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 2
     assert await conn.fetchval("SELECT count(*) FROM syncd.chunks") == 0
     assert await conn.fetchval("SELECT count(*) FROM syncd.rejected_identifiers") == 0
+
+
+# Two real PostgreSQL errors a plan of one segment can meet: its statement timing out
+# (a timeout set low for that plan only, and a statement that sleeps past it), or a
+# constraint violation whose DETAIL shows the failing row (identifiers included).
+PLAN_FAILURES = {
+    "statement_timeout": """
+        CREATE FUNCTION public.low_timeout() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM set_config('statement_timeout', '50', true); RETURN NEW; END $$;
+        CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(30); RETURN NEW; END $$;
+        CREATE TRIGGER low_timeout BEFORE INSERT ON syncd.plans FOR EACH ROW
+            WHEN (NEW.segment_key = 'huge') EXECUTE FUNCTION public.low_timeout();
+        CREATE TRIGGER slow BEFORE INSERT ON syncd.chunks FOR EACH ROW
+            WHEN (NEW.segment_key = 'huge') EXECUTE FUNCTION public.slow();
+    """,
+    "check_violation": """
+        ALTER TABLE syncd.chunks ADD CONSTRAINT no_huge CHECK (segment_key <> 'huge');
+    """,
+}
+
+
+@pytest.mark.parametrize("failure", sorted(PLAN_FAILURES))
+async def test_one_segments_failing_plan_does_not_stop_the_others(
+    conn: Any, sandbox: RunningSandbox, settings: Settings, failure: str
+) -> None:
+    """Defect 8: the plan of `huge` fails; the other segments are planned and pushed,
+    the failure is logged with its segment (and no identifier), `huge`'s changes stay in
+    the inbox for the next run, and the run ends with exit code 1 (work left)."""
+    for key, segment_id in (("a", "1"), ("huge", "2"), ("z", "3")):
+        sandbox.state.add_segment("retail-media", "42", "email", segment_id=segment_id)
+        await link(conn, key, chunk_id=segment_id)
+        await add_changes(conn, [(key, f"{key}{i}@x.com", "add") for i in range(3)])
+    await conn.execute(PLAN_FAILURES[failure])
+    with capture_logs() as logs:
+        summary = await sync_once(settings)
+    assert summary.exit_code == 1
+    assert summary.status == "failed" and summary.error and "huge" in summary.error
+    sizes = {sid: len(sandbox.state.segments[sid].members) for sid in ("1", "2", "3")}
+    assert sizes == {"1": 3, "2": 0, "3": 3}
+    left = await conn.fetch("SELECT DISTINCT segment_key FROM syncd.membership_changes")
+    assert [r["segment_key"] for r in left] == ["huge"]
+    failed = [e for e in logs if e["event"] == "plan_failed"]
+    assert [e["segment_key"] for e in failed] == ["huge"]
+    assert (
+        failed[0]["sqlstate"] == {"statement_timeout": "57014", "check_violation": "23514"}[failure]
+    )
+    assert "huge0@x.com" not in repr(logs) and sha("huge0@x.com") not in repr(logs)
+    run = await conn.fetchrow("SELECT status, error FROM syncd.sync_runs")
+    assert run["status"] == "failed" and "huge" in run["error"]
+
+
+CRM_TRIGGER = Path(__file__).parents[2] / "sql" / "examples" / "crm_trigger.sql"
+
+
+async def test_the_example_crm_trigger_makes_id_order_follow_commit_order(
+    conn: Any, database_url: str
+) -> None:
+    """Defect 16: with the example trigger, a second CRM transaction changing the same
+    membership waits for the first to commit before its change gets an id, so the plan's
+    'highest id wins' keeps what the CRM committed last."""
+    await conn.execute(
+        "CREATE SCHEMA crm; CREATE TABLE crm.segment_members (segment_key text NOT NULL,"
+        " email text NOT NULL); CREATE UNIQUE INDEX segment_members_person"
+        " ON crm.segment_members (segment_key, lower(btrim(email)))"
+    )
+    await conn.execute(CRM_TRIGGER.read_text())
+    await link(conn, "vip")
+    await conn.execute("INSERT INTO crm.segment_members VALUES ('vip', 'jane@x.com')")
+    first = await asyncpg.connect(database_url)
+    second = await asyncpg.connect(database_url)
+    try:
+        async with first.transaction():
+            await first.execute("UPDATE crm.segment_members SET email = 'Jane@x.com'")
+            later = asyncio.ensure_future(second.execute("DELETE FROM crm.segment_members"))
+            assert await blocked_or_done(conn, later, second.get_server_pid())
+        await later  # the delete committed after the update, and drew its id after it
+    finally:
+        await first.close()
+        await second.close()
+    inbox = await conn.fetch("SELECT operation FROM syncd.membership_changes ORDER BY id")
+    assert [r["operation"] for r in inbox] == ["add", "remove", "add", "remove"]
+    p = await plan_one(conn, "vip")
+    assert (p.adds, p.removes) == (0, 1)  # Jane left the segment: the CRM's last word

@@ -248,7 +248,7 @@ async def test_chunk_taken_over_before_its_body_is_read_is_not_sent(
     pool = await create_pool(settings)
     try:
         async with pool.acquire() as pconn:
-            await plan_segment(pconn, run_ids[0], "s0", "email", "sha256", 50_000)
+            await plan_segment(pconn, run_ids[0], "s0", 50_000)
         async with CriteoClient.open(settings) as client:
             pusher = Pusher(pool, client, settings, run_ids[0])
             chunk = await pusher.claim()

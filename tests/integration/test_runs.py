@@ -124,7 +124,7 @@ async def test_a_dead_runs_claims_wait_for_its_takeover_bound(
         lock_conn = await asyncpg.connect(database_url)
         await lock_conn.execute(query("hold_run_lock"), alive)
         async with pool.acquire() as pconn:
-            await plan.plan_segment(pconn, dead, "vip", "email", "sha256", 50_000)
+            await plan.plan_segment(pconn, dead, "vip", 50_000)
         async with CriteoClient.open(settings) as client:
             owner = Pusher(pool, client, settings, dead)
             taker = Pusher(pool, client, settings, alive)
@@ -163,7 +163,7 @@ async def test_a_run_whose_heartbeat_is_stale_sends_nothing(
     try:
         run = await conn.fetchrow(query("start_run"), "manual", "t", 1, 2.0, 10.0)
         async with pool.acquire() as pconn:
-            await plan.plan_segment(pconn, run["id"], "vip", "email", "sha256", 50_000)
+            await plan.plan_segment(pconn, run["id"], "vip", 50_000)
         async with CriteoClient.open(settings) as client:
             pusher = Pusher(pool, client, settings, run["id"])
             chunk = await pusher.claim()
@@ -235,7 +235,7 @@ async def test_status_of_a_killed_run_takes_its_totals_from_the_audit(
     try:
         run = await conn.fetchrow(query("start_run"), "manual", "t", 1, 60.0, 90.0)
         async with pool.acquire() as pconn:
-            await plan.plan_segment(pconn, run["id"], "vip", "email", "sha256", 10)
+            await plan.plan_segment(pconn, run["id"], "vip", 10)
         async with CriteoClient.open(settings) as client:
             pusher = Pusher(pool, client, settings, run["id"])
             for _ in range(2):

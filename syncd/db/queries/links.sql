@@ -1,12 +1,10 @@
 -- Segment links: which Criteo segment each CRM segment key feeds.
 -- Named blocks (`-- name: x`, then what it does); parameters are asyncpg's $1, $2, ...
 
--- name: get_segment
--- One segment link.
-SELECT * FROM syncd.segments WHERE segment_key = $1;
-
 -- name: get_segment_for_update
--- One segment link, locked until the end of the transaction.
+-- One segment link, locked until the end of the transaction. Every link change takes
+-- this lock first: it waits for a plan of the key (which holds the link FOR SHARE until
+-- it commits), then sees that plan's chunks.
 SELECT * FROM syncd.segments WHERE segment_key = $1 FOR UPDATE;
 
 -- name: insert_segment
@@ -31,9 +29,12 @@ SELECT s.*,
 FROM syncd.segments s
 ORDER BY s.segment_key;
 
--- name: count_open_chunks
--- Chunks of a segment not yet acknowledged.
-SELECT count(*) FROM syncd.chunks WHERE segment_key = $1 AND state <> 'done';
+-- name: open_chunk_targets
+-- A segment's chunks not yet acknowledged, per target they were planned for (a NULL
+-- api: no target known, planned before syncd recorded targets; they cannot be sent).
+SELECT api, criteo_segment_id, account_id, gum_caller_id, count(*) AS chunks
+FROM syncd.chunks WHERE segment_key = $1 AND state <> 'done'
+GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4;
 
 -- name: discard_open_chunks
 -- Drop a segment's unacknowledged chunks (unlink --force).

@@ -4,7 +4,9 @@
 -- name: segments_to_plan
 -- Linked segments that have changes visible in the inbox. One index probe per segment
 -- (LIMIT 1), where EXISTS would read the whole inbox to build a hash of its keys.
-SELECT s.segment_key, s.identifier_type, s.send_as
+-- A run plans each key with its link as lock_link_for_plan reads it then, not as here.
+SELECT s.segment_key, s.api, s.criteo_segment_id, s.identifier_type, s.send_as,
+    s.account_id, s.gum_caller_id
 FROM syncd.segments s
 WHERE (SELECT true FROM syncd.membership_changes m WHERE m.segment_key = s.segment_key LIMIT 1)
 ORDER BY s.segment_key;
@@ -18,6 +20,15 @@ SELECT pg_advisory_lock(hashtext('syncd.plan'), hashtext($1));
 -- name: unlock_segment_plan
 -- After the plan's transaction ended (the pool also drops every advisory lock on release).
 SELECT pg_advisory_unlock(hashtext('syncd.plan'), hashtext($1));
+
+-- name: lock_link_for_plan
+-- The first statement of a plan's transaction: the link it plans for, locked until the
+-- plan commits, so that a link change (which takes FOR UPDATE) waits for the plan and
+-- then sees its chunks. No row: the key was unlinked since the run listed it.
+SELECT segment_key, api, criteo_segment_id, identifier_type, send_as, account_id,
+    gum_caller_id
+FROM syncd.segments WHERE segment_key = $1
+FOR SHARE;
 
 -- name: plan_work_mem
 -- Netting and chunking a large segment sort in memory: room enough not to spill to disk.
@@ -37,7 +48,9 @@ INSERT INTO syncd.plans (run_id, segment_key) VALUES ($1, $2) RETURNING id;
 --   id winning; cut the net operations into chunks of at most $6 identifiers.
 -- Netting packs (id, operation) into one bigint, id * 2 + (1 for add), so one aggregate
 -- finds the latest operation per value.
--- $1 plan id, $2 segment key, $3 identifier type, $4 send_as, $5 run id, $6 chunk size.
+-- $1 plan id, $2 segment key, $3 identifier type, $4 send_as, $5 run id, $6 chunk size;
+-- the rest of the target each chunk records: $7 api, $8 Criteo segment id, $9 account id,
+-- $10 gum caller id.
 WITH normalised AS (
     -- OFFSET 0 keeps canon a computed column: the normalisation functions below are
     -- then inlined (PostgreSQL will not inline a function whose argument is an
@@ -76,9 +89,10 @@ WITH normalised AS (
     -- json_agg writes it directly, at 0.3 CPU-s per million identifiers where
     -- array_to_json(array_agg()) takes 0.8 (it builds the array first).
     INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
-                              identifier_count)
+                              identifier_count, api, criteo_segment_id, account_id,
+                              gum_caller_id, send_as)
     SELECT $1, $2, CASE WHEN is_add THEN 'add' ELSE 'remove' END, $3,
-        convert_to(json_agg(value)::text, 'UTF8'), count(*)
+        convert_to(json_agg(value)::text, 'UTF8'), count(*), $7, $8, $9, $10, $4
     FROM numbered
     GROUP BY is_add, chunk_no
     RETURNING operation, identifier_count

@@ -5,12 +5,15 @@
 -- Claim the next chunk this run may send, in one short statement:
 --   pending and due, or claimed by a run whose lease ran out or that is gone (no lock,
 --   and its last heartbeat older than its takeover bound: none of its requests in flight);
---   and no chunk of an earlier plan of the same segment still open (order per segment).
--- Returns the chunk, its link, and the size of its payload (streamed by payload_slice).
+--   and no chunk of an earlier plan of the same segment still open (order per segment);
+--   with a target (a chunk without one can never be sent: passed over, listed by status).
+-- Returns the chunk, the target it was planned for, and the size of its payload
+-- (streamed by payload_slice). No link is read: a link changed or removed since the
+-- plan neither redirects nor strands a chunk.
 WITH next AS (
     SELECT c.id
     FROM syncd.chunks c
-    WHERE c.state IN ('pending', 'claimed')
+    WHERE c.state IN ('pending', 'claimed') AND c.api IS NOT NULL
       AND (
           (c.state = 'pending' AND c.available_at <= now())
           -- (this run is alive: its own claims need no look at pg_locks)
@@ -27,11 +30,11 @@ WITH next AS (
 )
 UPDATE syncd.chunks c
 SET state = 'claimed', owner_run_id = $1, lease_until = now() + make_interval(secs => $2)
-FROM next, syncd.segments s
-WHERE c.id = next.id AND s.segment_key = c.segment_key
+FROM next
+WHERE c.id = next.id
 RETURNING c.id, c.plan_id, c.segment_key, c.operation, c.identifier_type, c.identifier_count,
     octet_length(c.payload) AS payload_bytes,
-    s.api, s.criteo_segment_id, s.account_id, s.gum_caller_id;
+    c.api, c.criteo_segment_id, c.account_id, c.gum_caller_id;
 
 -- name: payload_slice
 -- $3 bytes of a chunk's payload from byte $2 (1-based), while this run owns the chunk:
@@ -57,6 +60,7 @@ RETURNING id;
 -- name: finish_chunk
 -- Record a chunk's outcome and its audit row in one statement, fenced by the lease:
 -- no row comes back when another run owns the chunk now, and nothing is written.
+-- The audit row names the chunk's own target: where the request went.
 -- $3 new state: 'done' drops the payload; 'pending' waits $4 seconds; 'failed' keeps it.
 WITH chunk AS (
     UPDATE syncd.chunks c
@@ -73,15 +77,17 @@ INSERT INTO syncd.push_audit
     (run_id, chunk_id, plan_id, segment_key, api, criteo_segment_id, operation, identifier_type,
      identifiers_sent, nb_valid_identifiers, nb_invalid_identifiers, sample_invalid_identifiers,
      http_status, attempts, outcome, error_code, error_detail, warnings, errors,
-     contact_list_id, request_date, started_at)
-SELECT $2, chunk.id, chunk.plan_id, chunk.segment_key, s.api, s.criteo_segment_id,
+     contact_list_id, request_date, started_at, gum_caller_id)
+SELECT $2, chunk.id, chunk.plan_id, chunk.segment_key, chunk.api, chunk.criteo_segment_id,
     chunk.operation, chunk.identifier_type, chunk.identifier_count,
-    $5, $6, $7::jsonb, $8, $9, $11, $12, $10, $13::jsonb, $14::jsonb, $15, $16, $17
-FROM chunk JOIN syncd.segments s USING (segment_key)
+    $5, $6, $7::jsonb, $8, $9, $11, $12, $10, $13::jsonb, $14::jsonb, $15, $16, $17,
+    chunk.gum_caller_id
+FROM chunk
 RETURNING id;
 
 -- name: split_chunk
--- Criteo refused a chunk as too large: replace it by its two halves in the same plan.
+-- Criteo refused a chunk as too large: replace it by its two halves in the same plan
+-- (and for the same target).
 -- $1 chunk id, $2 run id, $3 http status, $4 attempts, $5 error code, $6 detail, $7 started.
 WITH src AS (
     SELECT * FROM syncd.chunks
@@ -95,21 +101,25 @@ WITH src AS (
     RETURNING c.id
 ), halves AS (
     INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
-                              identifier_count)
+                              identifier_count, api, criteo_segment_id, account_id,
+                              gum_caller_id, send_as)
     SELECT src.plan_id, src.segment_key, src.operation, src.identifier_type,
-        convert_to(json_agg(e.value ORDER BY e.n)::text, 'UTF8'), count(*)
+        convert_to(json_agg(e.value ORDER BY e.n)::text, 'UTF8'), count(*),
+        src.api, src.criteo_segment_id, src.account_id, src.gum_caller_id, src.send_as
     FROM src,
         json_array_elements(convert_from(src.payload, 'UTF8')::json) WITH ORDINALITY AS e(value, n)
     GROUP BY src.plan_id, src.segment_key, src.operation, src.identifier_type,
+        src.api, src.criteo_segment_id, src.account_id, src.gum_caller_id, src.send_as,
         e.n <= src.identifier_count / 2
     RETURNING id
 )
 INSERT INTO syncd.push_audit
     (run_id, chunk_id, plan_id, segment_key, api, criteo_segment_id, operation, identifier_type,
-     identifiers_sent, http_status, attempts, outcome, error_code, error_detail, started_at)
-SELECT $2, src.id, src.plan_id, src.segment_key, s.api, s.criteo_segment_id, src.operation,
-    src.identifier_type, src.identifier_count, $3, $4, 'split', $5, $6, $7
-FROM src JOIN syncd.segments s USING (segment_key)
+     identifiers_sent, http_status, attempts, outcome, error_code, error_detail, started_at,
+     gum_caller_id)
+SELECT $2, src.id, src.plan_id, src.segment_key, src.api, src.criteo_segment_id, src.operation,
+    src.identifier_type, src.identifier_count, $3, $4, 'split', $5, $6, $7, src.gum_caller_id
+FROM src
 WHERE (SELECT count(*) FROM halves) = 2 AND (SELECT count(*) FROM old) = 1
 RETURNING id;
 
@@ -117,11 +127,12 @@ RETURNING id;
 -- The fenced finish found the chunk owned by another run: say so, change nothing else.
 INSERT INTO syncd.push_audit
     (run_id, chunk_id, plan_id, segment_key, api, criteo_segment_id, operation, identifier_type,
-     identifiers_sent, http_status, attempts, outcome, error_detail, started_at)
-SELECT $2, c.id, c.plan_id, c.segment_key, s.api, s.criteo_segment_id, c.operation,
+     identifiers_sent, http_status, attempts, outcome, error_detail, started_at,
+     gum_caller_id)
+SELECT $2, c.id, c.plan_id, c.segment_key, c.api, c.criteo_segment_id, c.operation,
     c.identifier_type, c.identifier_count, $3, $4, 'lease_lost',
-    'another run owns this chunk now; its outcome is recorded there', $5
-FROM syncd.chunks c JOIN syncd.segments s USING (segment_key)
+    'another run owns this chunk now; its outcome is recorded there', $5, c.gum_caller_id
+FROM syncd.chunks c
 WHERE c.id = $1;
 
 -- name: release_run_claims

@@ -55,3 +55,12 @@ GROUP BY m.segment_key ORDER BY m.segment_key;
 -- Inbox rows of linked segments that the next plan will consume.
 SELECT count(*) FROM syncd.membership_changes m
 WHERE EXISTS (SELECT 1 FROM syncd.segments s WHERE s.segment_key = m.segment_key);
+
+-- name: unsendable_chunks
+-- Open chunks no run can send (no target recorded: planned before syncd recorded each
+-- chunk's target, for a link since removed or re-linked with another identifier type).
+-- Claims pass over them; only later chunks of their own key wait behind them.
+SELECT c.segment_key, count(*) AS chunks, sum(c.identifier_count) AS identifiers
+FROM syncd.chunks c
+WHERE c.state <> 'done' AND c.api IS NULL
+GROUP BY c.segment_key ORDER BY c.segment_key;
