@@ -9,16 +9,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from syncd import links
 from syncd.config import Settings
-from syncd.criteo import CriteoClient, parse_amendment, retry_after_s
-from syncd.criteo.pacing import Pacer
+from syncd.criteo import CriteoClient
 from syncd.db import create_pool
 from syncd.plan import plan_segment
-from syncd.push import PAYLOAD_SLICE_BYTES, Pusher, backoff_s
+from syncd.push import PAYLOAD_SLICE_BYTES, Pusher
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
 
@@ -152,45 +150,6 @@ async def test_invalid_counts_and_warnings_are_kept(
     assert sandbox.state.segments["77"].members == {"ok@example.com", "also.ok@example.org"}
 
 
-def test_both_documented_answer_shapes_are_read() -> None:
-    attrs = {
-        "contactListId": 523103620165619701,
-        "operation": "add",
-        "requestDate": "2024-04-22T14:29:07.994Z",
-        "identifierType": "email",
-        "nbValidIdentifiers": 3,
-        "nbInvalidIdentifiers": 1,
-        "sampleInvalidIdentifiers": ["bad"],
-    }
-    docs = parse_amendment(
-        200, {"data": {"type": "x", "attributes": attrs}, "warnings": [{"code": "w"}]}
-    )
-    sdk = parse_amendment(200, {"data": attrs, "errors": [{"code": "e"}]})
-    for result in (docs, sdk):
-        assert (result.nb_valid, result.nb_invalid, result.sample_invalid) == (3, 1, ["bad"])
-        assert result.contact_list_id == "523103620165619701"  # beyond 2^53, exact
-        assert result.request_date is not None and result.request_date.year == 2024
-    assert docs.warnings == [{"code": "w"}] and sdk.errors == [{"code": "e"}]
-
-
-def test_retry_after_forms() -> None:
-    now = 1_700_000_000.0
-    assert retry_after_s(CIMultiDict({"Retry-After": "2"}), lambda: now) == 2.0
-    assert retry_after_s(CIMultiDict({"Retry-After": "-5"}), lambda: now) == 0.0
-    date = "Tue, 14 Nov 2023 22:13:30 GMT"  # now + 10 s
-    assert retry_after_s(CIMultiDict({"Retry-After": date}), lambda: now) == pytest.approx(10)
-    reset = {"x-ratelimit-reset": str(int(now) + 7)}
-    assert retry_after_s(CIMultiDict(reset), lambda: now) == 7.0
-    assert retry_after_s(CIMultiDict(), lambda: now) is None
-
-
-def test_backoff_is_capped_full_jitter() -> None:
-    samples = [backoff_s(attempt, 0.5, 4.0) for attempt in range(1, 12) for _ in range(50)]
-    assert all(0 <= s <= 4.0 for s in samples)
-    assert max(backoff_s(1, 0.5, 4.0) for _ in range(200)) <= 0.5
-    assert max(samples) > 2.0  # it does grow
-
-
 async def test_deprecated_version_is_logged(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
@@ -218,17 +177,6 @@ async def test_logs_carry_no_identifier_or_secret(
     finished = next(e for e in logs if e["event"] == "run_finished")
     assert 0 < finished["planning_s"] < finished["duration_s"]
     assert (finished["changes"], finished["chunks_acknowledged"]) == (3, 1)
-
-
-def test_pacer_allows_a_burst_then_spaces_calls() -> None:
-    now = [0.0]
-    pacer = Pacer(60, clock=lambda: now[0])  # one a second, a minute's worth at once
-    assert [pacer.reserve() for _ in range(60)] == [0.0] * 60
-    assert pacer.reserve() == pytest.approx(1.0)  # the 61st waits a second
-    assert pacer.reserve() == pytest.approx(2.0)  # and the next one more
-    now[0] = 10.0
-    assert pacer.reserve() == 0.0  # ten seconds refilled ten calls, two were owed
-    assert Pacer(0).reserve() == 0.0  # 0 turns pacing off
 
 
 async def test_chunk_taken_over_before_its_body_is_read_is_not_sent(
