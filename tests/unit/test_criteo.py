@@ -6,6 +6,7 @@ import pytest
 from multidict import CIMultiDict
 
 from syncd.criteo import parse_amendment, retry_after_s
+from syncd.criteo.client import RETRY_AFTER_CAP_S
 from syncd.criteo.pacing import Pacer
 from syncd.push import backoff_s
 
@@ -58,3 +59,40 @@ def test_pacer_allows_a_burst_then_spaces_calls() -> None:
     now[0] = 10.0
     assert pacer.reserve() == 0.0  # ten seconds refilled ten calls, two were owed
     assert Pacer(0).reserve() == 0.0  # 0 turns pacing off
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "inf"}, RETRY_AFTER_CAP_S),
+        ({"Retry-After": "1e400"}, RETRY_AFTER_CAP_S),
+        ({"Retry-After": "99999999999999999999999"}, RETRY_AFTER_CAP_S),
+        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, RETRY_AFTER_CAP_S),
+        ({"Retry-After": "Fri, 31 Dec 99999 23:59:59 GMT"}, None),
+        ({"x-ratelimit-reset": "1700000000000000"}, RETRY_AFTER_CAP_S),
+        ({"Retry-After": "nan"}, None),
+        ({"x-ratelimit-reset": "nan"}, None),
+        ({"Retry-After": "-inf"}, 0.0),
+        ({"Retry-After": "soon", "x-ratelimit-reset": "1700000003"}, 3.0),
+    ],
+)
+def test_absurd_rate_limit_headers_are_bounded(
+    headers: dict[str, str], expected: float | None
+) -> None:
+    assert retry_after_s(CIMultiDict(headers), lambda: 1_700_000_000.0) == expected
+
+
+def test_answer_fields_of_the_wrong_kind_read_as_unknown() -> None:
+    data = {
+        "nbValidIdentifiers": 2**31,
+        "nbInvalidIdentifiers": True,
+        "sampleInvalidIdentifiers": 3,
+        "contactListId": {"id": 1},
+        "requestDate": "0001-01-01T00:00:00+05:00",
+    }
+    result = parse_amendment(200, {"data": data, "warnings": 3, "errors": "e"})
+    assert (result.nb_valid, result.nb_invalid, result.sample_invalid) == (None, None, [])
+    assert (result.contact_list_id, result.request_date) == (None, None)
+    assert (result.warnings, result.errors) == ([3], ["e"])
+    counts = parse_amendment(200, {"data": {"nbValidIdentifiers": 3.0, "nbInvalidIdentifiers": -1}})
+    assert (counts.nb_valid, counts.nb_invalid) == (3, None)
