@@ -25,10 +25,6 @@ class MigrationError(SyncdError):
     """The database schema cannot be brought up to date."""
 
 
-class LeaseLost(SyncdError):
-    """Another process took this chunk over; this process must not record an outcome."""
-
-
 class CriteoError(SyncdError):
     """Criteo did not accept a request."""
 

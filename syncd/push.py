@@ -1,10 +1,13 @@
 """Push: claim a chunk, send it with retries, finalise it with its audit row.
 
-Claims are short transactions (SKIP LOCKED + lease). A request body is streamed from
-the chunk's stored payload in slices while it is uploaded (one connection, no
-transaction, held for the upload only, not while Criteo answers), so memory does not
-depend on chunk sizes. The finalise is one statement fenced by the lease, so a run that
-lost its chunk to another run writes nothing but a `lease_lost` audit row.
+Claims are short transactions (SKIP LOCKED + lease). The lease is renewed right before
+every sending, so no request leaves with a lease that ran out while it waited (for a
+token, a cool-down, a 401's re-send). A request body is streamed from the chunk's stored
+payload in slices while it is uploaded (a pooled connection per slice, no transaction,
+never held between slices), so memory does not depend on chunk sizes. The finalise is
+one statement fenced by the lease, so a run that lost its chunk to another run writes
+nothing but a `lease_lost` audit row. An unexpected error finishes its chunk, never the
+run's other requests.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import asyncio
 import json
 import random
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from syncd.config import Settings
 from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amend, amendment_body
@@ -33,6 +37,17 @@ from syncd.logging import get_logger
 log = get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+ChunkState = Literal["pending", "claimed", "done", "failed"]
+PushOutcome = Literal["acknowledged", "failed", "deferred", "split", "released", "lease_lost"]
+# The chunk's state after each outcome _finish records (split and lease_lost have their
+# own statements).
+_STATE_AFTER: dict[PushOutcome, ChunkState] = {
+    "acknowledged": "done",
+    "failed": "failed",
+    "deferred": "pending",  # due again after its delay
+    "released": "pending",  # at once, for whichever run comes next
+}
 
 # A request body is read from the database this many bytes at a time (about 3,900
 # hashed identifiers): what one request in flight holds in memory.
@@ -72,7 +87,34 @@ class Chunk:
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Capped exponential backoff with full jitter: uniform(0, min(cap, base * 2^(n-1)))."""
-    return random.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
+    return random.uniform(0, _step_s(attempt, base_s, cap_s))
+
+
+def retry_wait_s(attempt: int, retry_after_s: float | None, base_s: float, cap_s: float) -> float:
+    """The wait after attempt `attempt` failed: the API's Retry-After when it gave one, but
+    never less than the backoff step (a 0, or a reset already past, must not turn the
+    attempts into one burst); without one, capped full-jitter backoff."""
+    if retry_after_s is None:
+        return backoff_s(attempt, base_s, cap_s)
+    return max(retry_after_s, _step_s(attempt, base_s, cap_s))
+
+
+def _step_s(attempt: int, base_s: float, cap_s: float) -> float:
+    return min(cap_s, base_s * 2.0 ** min(attempt - 1, 64))
+
+
+class _LeaseGone(Exception):
+    """Right before a sending: this run no longer owns the chunk, so nothing is sent."""
+
+
+@dataclass
+class _Progress:
+    """One push of one chunk so far: what its audit row will say."""
+
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    clock: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    last_error: CriteoError | None = None
 
 
 class Pusher:
@@ -99,112 +141,183 @@ class Pusher:
             row = await conn.fetchrow(query("claim_chunk"), self._run_id, self._settings.lease_s)
         return None if row is None else Chunk.from_row(row)
 
-    async def push(self, chunk: Chunk) -> str:
-        """Send one chunk until acknowledged, failed, deferred or split; return the outcome."""
-        started = datetime.now(UTC)
-        clock = time.monotonic()
-        attempts = 0
-        wait_s = 0.0
-        last_error: CriteoError | None = None
+    def cooling_down(self) -> bool:
+        """Criteo asked every sender to wait longer than SYNCD_RETRY_MAX_WAIT_S: nothing
+        can be sent before then, so claiming more only to hand it back is pointless."""
+        return self._client.cooldown.remaining_s() > self._settings.retry_max_wait_s
+
+    async def push(self, chunk: Chunk) -> PushOutcome:
+        """Send one chunk until acknowledged, failed, deferred or split; return the outcome.
+
+        An unexpected error (a bug, an answer nothing foresaw) fails this chunk with the
+        reason and leaves the run's other requests alone; a refusal every request would
+        meet (RunAbortingError) still stops the run.
+        """
+        progress = _Progress()
+        try:
+            return await self._push(chunk, progress)
+        except RunAbortingError:
+            raise
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            # The type and the place only: a message may quote an answer or a value.
+            log.error(
+                "chunk_push_crashed",
+                chunk_id=chunk.id,
+                segment_key=chunk.segment_key,
+                error_type=type(exc).__name__,
+                where=f"{where.filename}:{where.lineno}",
+            )
+            error = CriteoError(f"unexpected error: {type(exc).__name__}", code="unexpected")
+            return await self._finish(chunk, "failed", progress, error=error)
+
+    async def _push(self, chunk: Chunk, p: _Progress) -> PushOutcome:
         body = self._body(chunk)
+        wait_s = 0.0
         while True:
-            wait_s = max(wait_s, self._client.cooldown.remaining_s(), self._client.pacer.reserve())
-            if not await self._pause(wait_s):
+            turn, delay_s = await self._await_turn(wait_s)
+            if turn == "stop":
                 # Stopping: a chunk waiting for its next attempt goes back untouched.
-                return await self._finish(
-                    chunk, "pending", "released", started, attempts, error=last_error
+                return await self._finish(chunk, "released", p, error=p.last_error)
+            if turn == "defer":
+                # Too long to hold a claim and a sender: back with a due time instead.
+                error = p.last_error or RetryableError(
+                    f"Criteo asked every sender to wait {delay_s:.0f} s", code="cooldown"
                 )
-            if not await self._renew_lease(chunk):
-                return await self._lease_lost(chunk, started, attempts, None)
-            attempts += 1
+                return await self._finish(chunk, "deferred", p, error=error, delay_s=delay_s)
+            p.attempts += 1
             try:
-                result = await amend(self._client, chunk.target, body, f"syncd-chunk-{chunk.id}")
+                result = await amend(
+                    self._client,
+                    chunk.target,
+                    body,
+                    f"syncd-chunk-{chunk.id}",
+                    before_send=lambda: self._before_send(chunk),
+                )
+            except _LeaseGone:
+                return await self._lease_lost(chunk, p, None)
             except RetryableError as exc:
-                last_error = exc
-                decision, wait_s = self._after_retryable(chunk, exc, attempts)
-                if decision == "failed":
-                    return await self._finish(
-                        chunk, "failed", "failed", started, attempts, error=exc
-                    )
-                if decision == "deferred":
-                    # Too long to hold a slot: the chunk goes back with a due time instead.
-                    return await self._finish(
-                        chunk, "pending", "deferred", started, attempts, error=exc, delay_s=wait_s
-                    )
+                p.last_error = exc
+                next_wait = self._after_retryable(chunk, exc, p.attempts)
+                if next_wait is None:
+                    return await self._finish(chunk, "failed", p, error=exc)
+                wait_s = next_wait
                 continue
             except RunAbortingError as exc:
-                # Not this chunk's fault: hand it back untouched, then stop the run.
-                await self._finish(chunk, "pending", "released", started, attempts, error=exc)
+                # Not this chunk's fault: stop the run (so no worker claims the chunk
+                # again), hand the chunk back untouched, and say why.
+                self._stop.set()
+                await self._finish(chunk, "released", p, error=exc)
                 raise
             except PayloadTooLarge as exc:
                 if chunk.identifier_count > 1:
-                    return await self._split(chunk, started, attempts, exc)
-                return await self._finish(chunk, "failed", "failed", started, attempts, error=exc)
+                    return await self._split(chunk, p, exc)
+                return await self._finish(chunk, "failed", p, error=exc)
             except PermanentError as exc:
-                return await self._finish(chunk, "failed", "failed", started, attempts, error=exc)
-            outcome = await self._finish(chunk, "done", "acknowledged", started, attempts, result)
-            log.info(
-                "chunk_pushed",
-                chunk_id=chunk.id,
-                segment_key=chunk.segment_key,
-                operation=chunk.operation,
-                identifiers=chunk.identifier_count,
-                nb_valid=result.nb_valid,
-                nb_invalid=result.nb_invalid,
-                attempts=attempts,
-                outcome=outcome,
-                duration_ms=round((time.monotonic() - clock) * 1000),
+                return await self._finish(chunk, "failed", p, error=exc)
+            return await self._answered(chunk, p, result)
+
+    async def _answered(self, chunk: Chunk, p: _Progress, result: AmendmentResult) -> PushOutcome:
+        if result.refused:
+            # A 2xx with errors and no counts: Criteo's code kept, the payload too.
+            error = PermanentError(
+                f"HTTP {result.http_status} with errors and no counts"
+                f"{': ' + result.error_code if result.error_code else ''}",
+                status=result.http_status,
+                code=result.error_code or "errors-without-counts",
             )
-            return outcome
+            return await self._finish(chunk, "failed", p, result, error)
+        outcome = await self._finish(chunk, "acknowledged", p, result)
+        log.info(
+            "chunk_pushed",
+            chunk_id=chunk.id,
+            segment_key=chunk.segment_key,
+            operation=chunk.operation,
+            identifiers=chunk.identifier_count,
+            nb_valid=result.nb_valid,
+            nb_invalid=result.nb_invalid,
+            attempts=p.attempts,
+            outcome=outcome,
+            duration_ms=round((time.monotonic() - p.clock) * 1000),
+        )
+        return outcome
+
+    async def _await_turn(self, wait_s: float) -> tuple[Literal["send", "defer", "stop"], float]:
+        """Wait for the next sending: this chunk's own back-off and the shared cool-down
+        (again if another 429 extended it meanwhile), then the pacer. A wait longer than
+        SYNCD_RETRY_MAX_WAIT_S is not waited: ("defer", its length)."""
+        cooldown = self._client.cooldown
+        while True:
+            until = cooldown.until
+            wait = max(wait_s, cooldown.remaining_s())
+            if wait > self._settings.retry_max_wait_s:
+                return "defer", wait
+            if not await self._pause(wait):
+                return "stop", 0.0
+            if cooldown.until <= until:
+                break
+            wait_s = 0.0
+        if not await self._pause(self._client.pacer.reserve()):
+            return "stop", 0.0
+        return "send", 0.0
+
+    async def _before_send(self, chunk: Chunk) -> None:
+        """Run right before each sending, a 401's re-send included: a token fetch queued
+        behind others can outlast the lease, the sending must not."""
+        if not await self._renew_lease(chunk):
+            raise _LeaseGone
 
     def _body(self, chunk: Chunk) -> AmendmentBody:
         """The chunk's request body, its identifiers read slice by slice as it is sent."""
 
         async def identifiers() -> AsyncIterator[bytes]:
-            async with self._pool.acquire() as conn:
-                for start in range(1, chunk.payload_bytes + 1, PAYLOAD_SLICE_BYTES):
+            for start in range(1, chunk.payload_bytes + 1, PAYLOAD_SLICE_BYTES):
+                # A connection per slice, given back before the slice is handed on: a
+                # body left suspended by a failed upload holds none (the pool could
+                # not close).
+                async with self._pool.acquire() as conn:
                     piece = await conn.fetchval(
                         query("payload_slice"), chunk.id, start, PAYLOAD_SLICE_BYTES, self._run_id
                     )
-                    if not piece:
-                        return  # no longer ours: the body sees it short and aborts
-                    yield piece
+                if not piece:
+                    return  # no longer ours: the body sees it short and aborts
+                yield piece
 
         return amendment_body(chunk.target, chunk.operation, chunk.payload_bytes, identifiers)
 
-    def _after_retryable(
-        self, chunk: Chunk, error: RetryableError, attempts: int
-    ) -> tuple[str, float]:
-        """('retry', wait), ('deferred', wait) or ('failed', 0) after a retryable error."""
+    def _after_retryable(self, chunk: Chunk, error: RetryableError, attempts: int) -> float | None:
+        """The wait before the next attempt, or None when the attempts are used up. A 429
+        makes every sender wait as long (the shared cool-down)."""
         s = self._settings
-        wait_s = error.retry_after_s
+        wait_s = retry_wait_s(attempts, error.retry_after_s, s.retry_base_s, s.retry_max_wait_s)
         if error.status == 429:
-            self._client.cooldown.trip(wait_s if wait_s is not None else s.retry_base_s)
+            self._client.cooldown.trip(wait_s)
         if attempts >= s.max_attempts:
-            return "failed", 0.0
-        if wait_s is None:
-            wait_s = backoff_s(attempts, s.retry_base_s, s.retry_max_wait_s)
-        if wait_s > s.retry_max_wait_s:
-            return "deferred", wait_s
-        log.info(
-            "chunk_retry",
-            chunk_id=chunk.id,
-            segment_key=chunk.segment_key,
-            attempt=attempts,
-            status=error.status,
-            error_code=error.code,
-            delay_s=round(wait_s, 3),
-        )
-        return "retry", wait_s
+            return None
+        if wait_s <= s.retry_max_wait_s:  # longer: deferred (logged as not acknowledged)
+            log.info(
+                "chunk_retry",
+                chunk_id=chunk.id,
+                segment_key=chunk.segment_key,
+                attempt=attempts,
+                status=error.status,
+                error_code=error.code,
+                delay_s=round(wait_s, 3),
+            )
+        return wait_s
 
     async def _pause(self, delay_s: float) -> bool:
         """Wait, unless the run is told to stop first; False when stopping."""
         if delay_s > 0 and not self._stop.is_set():
             sleeper = asyncio.ensure_future(self._sleep(delay_s))
             stopper = asyncio.ensure_future(self._stop.wait())
-            _, pending = await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
+            try:
+                await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Cancelled or not, neither task outlives the pause.
+                sleeper.cancel()
+                stopper.cancel()
+                await asyncio.gather(sleeper, stopper, return_exceptions=True)
         return not self._stop.is_set()
 
     async def release(self) -> int:
@@ -222,38 +335,37 @@ class Pusher:
     async def _finish(
         self,
         chunk: Chunk,
-        state: str,
-        outcome: str,
-        started: datetime,
-        attempts: int,
+        outcome: PushOutcome,
+        p: _Progress,
         result: AmendmentResult | None = None,
         error: CriteoError | None = None,
         delay_s: float = 0.0,
-    ) -> str:
+    ) -> PushOutcome:
         detail = str(error) if error else None
+        code = error.code if error else None
         async with self._pool.acquire() as conn:
             audit_id = await conn.fetchval(
                 query("finish_chunk"),
                 chunk.id,
                 self._run_id,
-                state,
+                _STATE_AFTER[outcome],
                 delay_s,
                 result.nb_valid if result else None,
                 result.nb_invalid if result else None,
                 json.dumps(result.sample_invalid) if result else None,
                 result.http_status if result else (error.status if error else None),
-                attempts,
+                p.attempts,
                 detail,
                 outcome,
-                error.code if error else None,
+                code,
                 json.dumps(result.warnings) if result and result.warnings else None,
                 json.dumps(result.errors) if result and result.errors else None,
                 result.contact_list_id if result else None,
                 result.request_date if result else None,
-                started,
+                p.started,
             )
         if audit_id is None:
-            return await self._lease_lost(chunk, started, attempts, result)
+            return await self._lease_lost(chunk, p, result)
         if outcome != "acknowledged":
             log.warning(
                 "chunk_not_acknowledged",
@@ -263,45 +375,43 @@ class Pusher:
                 identifiers=chunk.identifier_count,
                 outcome=outcome,
                 status=error.status if error else None,
-                error_code=error.code if error else None,
+                error_code=code,
                 error=detail,
-                attempts=attempts,
+                attempts=p.attempts,
                 retry_in_s=round(delay_s, 1) if delay_s else None,
             )
         return outcome
 
-    async def _split(
-        self, chunk: Chunk, started: datetime, attempts: int, error: PayloadTooLarge
-    ) -> str:
+    async def _split(self, chunk: Chunk, p: _Progress, error: PayloadTooLarge) -> PushOutcome:
         async with self._pool.acquire() as conn:
             audit_id = await conn.fetchval(
                 query("split_chunk"),
                 chunk.id,
                 self._run_id,
                 error.status,
-                attempts,
+                p.attempts,
                 error.code,
                 str(error),
-                started,
+                p.started,
             )
         if audit_id is None:
-            return await self._lease_lost(chunk, started, attempts, None)
+            return await self._lease_lost(chunk, p, None)
         log.warning(
             "chunk_split", chunk_id=chunk.id, segment_key=chunk.segment_key, status=error.status
         )
         return "split"
 
     async def _lease_lost(
-        self, chunk: Chunk, started: datetime, attempts: int, result: AmendmentResult | None
-    ) -> str:
+        self, chunk: Chunk, p: _Progress, result: AmendmentResult | None
+    ) -> PushOutcome:
         async with self._pool.acquire() as conn:
             await conn.execute(
                 query("audit_lease_lost"),
                 chunk.id,
                 self._run_id,
                 result.http_status if result else None,
-                attempts,
-                started,
+                p.attempts,
+                p.started,
             )
         log.warning("chunk_lease_lost", chunk_id=chunk.id, segment_key=chunk.segment_key)
         return "lease_lost"

@@ -157,7 +157,9 @@ class SyncRun:
             log.info("chunks_released", chunks=released)
 
     async def _worker(self, pusher: Pusher) -> None:
-        while not self.stop.is_set():
+        # A cool-down past SYNCD_RETRY_MAX_WAIT_S ends the run (exit 1): its chunks wait for
+        # a later run rather than holding this one (and its claims) for the whole wait.
+        while not self.stop.is_set() and not pusher.cooling_down():
             chunk = await pusher.claim()
             if chunk is None:
                 if not await self._should_wait():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from syncd.criteo.client import CriteoClient
+from syncd.criteo.client import BeforeSend, CriteoClient, error_code
 from syncd.errors import RetryableError
 from syncd.identifiers import MARKETING_SOLUTIONS, wire_name
 
@@ -36,6 +36,17 @@ class AmendmentResult:
     contact_list_id: str | None = None
     warnings: list[Any] = field(default_factory=list)
     errors: list[Any] = field(default_factory=list)
+    # The first error's (or warning's) code and detail, if any.
+    error_code: str | None = None
+    error_detail: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        """A 2xx that reports errors (or, as the docs allow, warnings) and no counts:
+        nothing says the identifiers were taken, so it must not count as acknowledged."""
+        return (
+            self.nb_valid is None and self.nb_invalid is None and bool(self.errors or self.warnings)
+        )
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,15 @@ def amendment_body(
     )
 
 
+# What the audit can hold: an int4 count, a short sample, a contact list id of digits.
+_MAX_COUNT = 2**31 - 1
+_MAX_SAMPLE = 100
+
+
 def parse_amendment(status: int, payload: dict[str, Any]) -> AmendmentResult:
-    """Read both documented shapes: counts under data.attributes (docs) or under data (SDK)."""
+    """Read both documented shapes: counts under data.attributes (docs) or under data (SDK).
+    A field of the wrong kind (a sample that is not a list, a count that is no int4) reads
+    as unknown rather than failing: the answer is still a 2xx."""
     data = payload.get("data")
     if isinstance(data, list):  # not documented for this call; read the first item if any
         data = data[0] if data else {}
@@ -105,33 +123,62 @@ def parse_amendment(status: int, payload: dict[str, Any]) -> AmendmentResult:
         data = {}
     attributes = data.get("attributes")
     fields = attributes if isinstance(attributes, dict) else data
-    contact_list_id = fields.get("contactListId")
+    code, detail = error_code(payload)
     return AmendmentResult(
         http_status=status,
-        nb_valid=_int_or_none(fields.get("nbValidIdentifiers")),
-        nb_invalid=_int_or_none(fields.get("nbInvalidIdentifiers")),
-        sample_invalid=[str(x) for x in fields.get("sampleInvalidIdentifiers") or []],
+        nb_valid=_count(fields.get("nbValidIdentifiers")),
+        nb_invalid=_count(fields.get("nbInvalidIdentifiers")),
+        sample_invalid=_sample(fields.get("sampleInvalidIdentifiers")),
         request_date=_parse_date(fields.get("requestDate")),
-        # json keeps big integers exact; store as text so nothing rounds it through a float.
-        contact_list_id=None if contact_list_id is None else str(contact_list_id),
-        warnings=list(payload.get("warnings") or []),
-        errors=list(payload.get("errors") or []),
+        contact_list_id=_contact_list_id(fields.get("contactListId")),
+        warnings=_items(payload.get("warnings")),
+        errors=_items(payload.get("errors")),
+        error_code=code,
+        error_detail=detail,
     )
 
 
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
+def _count(value: Any) -> int | None:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():  # 3.0; never NaN nor infinite
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
         return None
+    return value if 0 <= value <= _MAX_COUNT else None
+
+
+def _sample(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        return []
+    return [str(x)[:256] for x in value[:_MAX_SAMPLE] if isinstance(x, str | int | float)]
+
+
+def _contact_list_id(value: Any) -> str | None:
+    # json keeps big integers exact; stored as text so nothing rounds it through a float.
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        return None
+    return text if 0 < len(text) <= 64 else None
+
+
+def _items(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
 
 
 def _parse_date(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # In UTC, or not at all: 0001-01-01T00:00+05:00 is before any timestamptz.
+        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         return None
 
 
@@ -142,15 +189,27 @@ def amendment_path(target: Target) -> str:
 
 
 async def amend(
-    client: CriteoClient, target: Target, body: AmendmentBody, idempotency_key: str
+    client: CriteoClient,
+    target: Target,
+    body: AmendmentBody,
+    idempotency_key: str,
+    before_send: BeforeSend | None = None,
 ) -> AmendmentResult:
-    """Send one add or remove request (see amendment_body) and read Criteo's answer."""
+    """Send one add or remove request (see amendment_body) and read Criteo's answer.
+    `before_send` runs right before each sending (see CriteoClient.call)."""
     method = "PATCH" if target.api == MARKETING_SOLUTIONS else "POST"
     answer = await client.call(
-        method, amendment_path(target), body.pieces, body.size, idempotency_key=idempotency_key
+        method,
+        amendment_path(target),
+        body.pieces,
+        body.size,
+        idempotency_key=idempotency_key,
+        before_send=before_send,
     )
     if not isinstance(answer.payload, dict):
         # Criteo probably applied it; sending again is harmless (add/remove are set
         # operations), not knowing is not.
-        raise RetryableError("Criteo's answer could not be read", status=answer.status)
+        raise RetryableError(
+            "Criteo's answer could not be read", status=answer.status, code="unreadable"
+        )
     return parse_amendment(answer.status, answer.payload)

@@ -5,14 +5,19 @@ connections, 408, 429, 5xx) or a PermanentError (other 4xx). Retrying is the
 caller's business (push.py), so the policy lives in one place. A 401 is the one
 exception: the token is fetched again and the request re-sent once, here. What is
 sent where (amendments, and segment management next) lives beside this module.
+
+Answers are read defensively: at most MAX_ANSWER_BYTES, strict UTF-8, JSON without
+NaN or infinities, strings PostgreSQL can store. Whatever a proxy or a broken answer
+sends becomes "unreadable" (None), never an exception that ends a run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC
@@ -35,12 +40,26 @@ from syncd.logging import get_logger
 log = get_logger(__name__)
 
 TOKEN_REFRESH_MARGIN_S = 60.0  # fetch a new token this long before the old one expires
+# Criteo's tokens live 15 minutes; an `expires_in` that is not a sane number gets this.
+DEFAULT_TOKEN_LIFETIME_S = 900.0
+MAX_TOKEN_LIFETIME_S = 86_400.0
+# Criteo's answers are a few kilobytes: anything longer is not one of them (a proxy's
+# page, a runaway body) and is not read further.
+MAX_ANSWER_BYTES = 1 << 20
+# No rate limit asks for more than an hour: a longer Retry-After or x-ratelimit-reset is
+# a wrong header (milliseconds, a date far off), and waits this long at most.
+RETRY_AFTER_CAP_S = 3600.0
+_MAX_JSON_DEPTH = 32  # deeper JSON is cut (None): nothing syncd reads is nested that deep
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+# Run right before each sending of a request (the re-send after a 401 too); it may
+# raise to stop the sending (push.py renews the chunk's lease there).
+BeforeSend = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class Answer:
-    """A 2xx answer: its status, its JSON body (None when unreadable) and its headers."""
+    """A 2xx answer: its status, its JSON body (None when empty or unreadable), its headers."""
 
     status: int
     payload: Any
@@ -87,9 +106,18 @@ class CriteoClient:
 
     # --- token --------------------------------------------------------------------------
 
-    async def token(self, *, force: bool = False) -> str:
+    async def token(self, *, stale: str | None = None) -> str:
+        """The current token, fetched when there is none or it is about to expire.
+
+        `stale` is a token Criteo just refused: it is fetched again only if that token is
+        still the current one, so N requests refused together cause one fetch, not N.
+        """
         async with self._token_lock:
-            if force or self._token is None or self._clock() >= self._token_expires_at:
+            if (
+                self._token is None
+                or self._token == stale
+                or self._clock() >= self._token_expires_at
+            ):
                 await self._fetch_token()
             assert self._token is not None
             return self._token
@@ -103,9 +131,9 @@ class CriteoClient:
         }
         try:
             async with self._session.post(s.token_url, data=form) as resp:
-                body = await _read_json(resp)
                 status = resp.status
                 retry_after = retry_after_s(resp.headers)
+                body = await read_json(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryableError(
                 f"token request failed: {type(exc).__name__}", code=_exc_code(exc)
@@ -114,16 +142,32 @@ class CriteoClient:
             raise RetryableError(
                 f"token request answered {status}", status=status, retry_after_s=retry_after
             )
-        if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+        if status == 404:
+            raise RunAbortingError(
+                "Criteo's token endpoint was not found (HTTP 404 at CRITEO_API_URL + "
+                "/oauth2/token): check CRITEO_API_URL (it is https://api.criteo.com for Criteo)",
+                status=status,
+                code="token-url-not-found",
+            )
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if status == 200 and not _usable_token(token):
+            # Not Criteo's answer (a proxy, a captive portal) or a broken one: may pass.
+            raise RetryableError(
+                "the token answer could not be read (is CRITEO_API_URL Criteo's API?)",
+                status=status,
+                code="unreadable",
+            )
+        if status != 200 or not isinstance(token, str):
             code = body.get("error") if isinstance(body, dict) else None
+            code = str(code)[:100] if code else None
             raise RunAbortingError(
                 f"Criteo refused the credentials in CRITEO_CLIENT_ID / CRITEO_CLIENT_SECRET "
-                f"(HTTP {status}{', ' + str(code) if code else ''})",
+                f"(HTTP {status}{', ' + code if code else ''})",
                 status=status,
-                code=str(code or "token-refused"),
+                code=code or "token-refused",
             )
-        lifetime = float(body.get("expires_in") or 900)
-        self._token = str(body["access_token"])
+        lifetime = _token_lifetime_s(body.get("expires_in") if isinstance(body, dict) else None)
+        self._token = token
         self._token_expires_at = self._clock() + max(1.0, lifetime - TOKEN_REFRESH_MARGIN_S)
         log.info("criteo_token_fetched", expires_in_s=lifetime)
 
@@ -142,16 +186,22 @@ class CriteoClient:
         size: int,
         *,
         idempotency_key: str | None = None,
+        before_send: BeforeSend | None = None,
     ) -> Answer:
         """One authorised JSON call, classified: a 2xx Answer, or RetryableError,
         PermanentError, PayloadTooLarge, RunAbortingError. After a 401 the token is
         fetched again and the call re-sent once. `body()` yields the request body afresh
-        for each sending; its `size` bytes are sent with a Content-Length."""
+        for each sending; its `size` bytes are sent with a Content-Length.
+        `before_send` runs right before each sending, after any wait for a token."""
+        token = await self.token()
         for attempt in (1, 2):
-            token = await self.token(force=attempt == 2)
+            if before_send is not None:
+                await before_send()
             answer = await self._send(method, path, body, size, token, idempotency_key)
             if answer is not None:
                 return answer
+            if attempt == 1:
+                token = await self.token(stale=token)
         raise RunAbortingError(
             "Criteo answered 401 to a freshly fetched token: the app lacks access "
             "(check the 'Audiences Manage' permission)",
@@ -182,9 +232,9 @@ class CriteoClient:
             async with self._session.request(
                 method, self.url(path), data=body(), headers=headers
             ) as resp:
-                payload = await _read_json(resp)
                 status = resp.status
                 resp_headers = resp.headers
+                payload = await read_json(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryableError(
                 f"request failed: {type(exc).__name__}", code=_exc_code(exc)
@@ -233,48 +283,124 @@ def error_code(payload: Any) -> tuple[str | None, str | None]:
         items = payload.get(key)
         if isinstance(items, list) and items and isinstance(items[0], dict):
             first = items[0]
+            code = first.get("code")
             detail = first.get("detail") or first.get("title")
-            return (str(first["code"]) if first.get("code") else None), (
-                str(detail)[:500] if detail else None
-            )
+            return (str(code)[:100] if code else None), (str(detail)[:500] if detail else None)
     if payload.get("error"):
-        return str(payload["error"]), None
+        return str(payload["error"])[:100], None
     return None, None
 
 
 def retry_after_s(headers: Any, now: Callable[[], float] = time.time) -> float | None:
     """How long the API asked us to wait: Retry-After (seconds or HTTP-date), else the
-    documented x-ratelimit-reset (epoch seconds), else None."""
+    documented x-ratelimit-reset (epoch seconds), else None. Never negative, never
+    more than RETRY_AFTER_CAP_S; None as well for a value that is not a time (NaN)."""
     raw = headers.get("Retry-After")
     if raw:
-        try:
-            return max(0.0, float(raw))
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(raw)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None:
-                if when.tzinfo is None:
-                    when = when.replace(tzinfo=UTC)
-                return max(0.0, when.timestamp() - now())
+        wait = _seconds(raw)
+        if wait is None:
+            when = _http_date(raw)
+            wait = None if when is None else when - now()
+        if wait is not None:
+            return min(RETRY_AFTER_CAP_S, max(0.0, wait))
     reset = headers.get("x-ratelimit-reset")
     if reset:
-        try:
-            return max(0.0, float(reset) - now())
-        except ValueError:
-            return None
+        at = _seconds(reset)
+        if at is not None:
+            return min(RETRY_AFTER_CAP_S, max(0.0, at - now()))
     return None
 
 
-async def _read_json(resp: aiohttp.ClientResponse) -> Any:
-    text = await resp.text()
-    if not text:
-        return None
+def _seconds(raw: str) -> float | None:
     try:
-        return json.loads(text)
+        value = float(raw)
     except ValueError:
         return None
+    return None if math.isnan(value) else value
+
+
+def _http_date(raw: str) -> float | None:
+    """An HTTP-date as epoch seconds, or None when it is not one."""
+    try:
+        when = parsedate_to_datetime(raw)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+async def read_json(resp: aiohttp.ClientResponse) -> Any:
+    """An answer's JSON, or None when it is empty or cannot be read: longer than
+    MAX_ANSWER_BYTES (not read further), not UTF-8, not JSON."""
+    pieces: list[bytes] = []
+    size = 0
+    while piece := await resp.content.read(MAX_ANSWER_BYTES + 1 - size):
+        pieces.append(piece)
+        size += len(piece)
+        if size > MAX_ANSWER_BYTES:
+            return None
+    return parse_json(b"".join(pieces))
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON as syncd can keep it: NaN and infinities read as null, strings without NUL or
+    lone surrogates (PostgreSQL refuses both), nesting cut at a sane depth; None when
+    `raw` is not UTF-8 JSON at all."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"), parse_constant=lambda _: None, parse_float=_finite_float
+        )
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return _storable(value, 0)
+
+
+def _finite_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _storable(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return _storable_text(value)
+    if isinstance(value, list | dict) and depth >= _MAX_JSON_DEPTH:
+        return None
+    if isinstance(value, list):
+        return [_storable(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        return {_storable_text(k): _storable(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _storable_text(text: str) -> str:
+    """Text PostgreSQL accepts: no NUL, no lone surrogate (each becomes '?')."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _usable_token(token: Any) -> bool:
+    # It goes into a header: printable ASCII without spaces, of a sane length.
+    return (
+        isinstance(token, str)
+        and 0 < len(token) <= 8192
+        and token.isascii()
+        and token.isprintable()
+        and " " not in token
+    )
+
+
+def _token_lifetime_s(value: Any) -> float:
+    """`expires_in` in seconds when it is a sane number (a numeric string too), else the
+    documented 15 minutes; at most a day."""
+    if isinstance(value, str):
+        value = _seconds(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return DEFAULT_TOKEN_LIFETIME_S
+    if not math.isfinite(value) or value <= 0:
+        return DEFAULT_TOKEN_LIFETIME_S
+    return min(float(value), MAX_TOKEN_LIFETIME_S)
 
 
 def _exc_code(exc: BaseException) -> str:

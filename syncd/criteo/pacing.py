@@ -24,6 +24,12 @@ class Cooldown:
     def remaining_s(self) -> float:
         return max(0.0, self._until - self._clock())
 
+    @property
+    def until(self) -> float:
+        """When it ends (on the clock): a sender that waited for it can tell whether
+        another 429 pushed it further meanwhile."""
+        return self._until
+
 
 class Pacer:
     """A token bucket over Criteo's per-app budget (about 250 calls a minute): a minute's

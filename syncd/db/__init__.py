@@ -7,6 +7,7 @@ is assembled in Python. Migrations are in `syncd.db.migrations`.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import re
 from functools import cache
@@ -70,6 +71,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
 
-async def close_pool(pool: Any) -> None:
-    """Close the pool; connections still held are terminated rather than waited for."""
-    await pool.close()
+POOL_CLOSE_TIMEOUT_S = 10.0
+
+
+async def close_pool(pool: Any, timeout_s: float = POOL_CLOSE_TIMEOUT_S) -> None:
+    """Close the pool, waiting at most `timeout_s` for connections still held, then
+    terminate them: a holder that never gives its connection back (a request body left
+    suspended, a bug) must not keep the process from exiting."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        pool.terminate()

@@ -38,7 +38,7 @@ from syncd.sandbox.contract import (
 )
 from syncd.sandbox.control import control_routes
 from syncd.sandbox.errors import error_response, problem
-from syncd.sandbox.faults import DroppedResponse, with_faults
+from syncd.sandbox.faults import DroppedResponse, cut_upload, with_faults
 from syncd.sandbox.state import SANDBOX_STATE, SandboxState, Segment
 
 log = structlog.get_logger(__name__)
@@ -108,6 +108,9 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
         "at": time.time(),
     }
     try:
+        cut = cut_upload(request, state.faults, entry)
+        if cut is not None:
+            return cut
         # The whole body is read first, so a dropped connection is a clean disconnect
         # for the client rather than a reset in the middle of its upload.
         body, bad_json = await json_body(request)

@@ -7,6 +7,8 @@ The ``/_sandbox/`` endpoints that steer it live in ``control``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import math
 import random
 from collections import deque
@@ -24,6 +26,9 @@ log = structlog.get_logger(__name__)
 
 DROP_BEFORE = "before"
 DROP_AFTER = "after"
+# Before the request body is read: the client sees its upload cut off half-way.
+DROP_UPLOAD = "upload"
+_DROPS = (DROP_BEFORE, DROP_AFTER, DROP_UPLOAD)
 
 
 # --- faults --------------------------------------------------------------------------------
@@ -39,6 +44,8 @@ class Fault:
 
     Exactly one of ``status``, ``drop`` and ``stall_s`` is set. ``retry_after`` is the
     Retry-After header value sent verbatim (seconds or an HTTP-date), ``None`` for none.
+    A raw answer (``body`` and/or ``headers`` set) is sent exactly as given with its
+    status, any 200-599: what a misbehaving API or a proxy in front of it may answer.
     """
 
     status: int | None = None
@@ -48,6 +55,12 @@ class Fault:
     stall_s: float | None = None
     segment_id: str | None = None
     origin: str = "script"
+    body: bytes | None = None
+    headers: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def raw(self) -> bool:
+        return self.body is not None or self.headers is not None
 
     @property
     def kind(self) -> str:
@@ -55,7 +68,7 @@ class Fault:
             return f"drop_{self.drop}"
         if self.stall_s is not None:
             return "stall"
-        return f"status_{self.status}"
+        return f"{'raw' if self.raw else 'status'}_{self.status}"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -71,6 +84,10 @@ class Fault:
             out["stall_s"] = self.stall_s
         if self.segment_id is not None:
             out["segment_id"] = self.segment_id
+        if self.body is not None:
+            out["body_base64"] = base64.b64encode(self.body).decode()
+        if self.headers is not None:
+            out["headers"] = dict(self.headers)
         return out
 
 
@@ -84,27 +101,30 @@ def _number(value: object, name: str, *, low: float = 0.0, high: float = math.in
 
 
 def parse_fault(entry: object) -> Fault:
-    """Validate one script entry, e.g. ``{"status": 429, "retry_after": "2"}``."""
+    """Validate one script entry, e.g. ``{"status": 429, "retry_after": "2"}``, or a raw
+    answer ``{"status": 200, "body": "...", "headers": {...}}`` (``body_base64`` for bytes
+    that are not UTF-8)."""
     if not isinstance(entry, dict):
         raise FaultSpecError("each script entry must be an object")
-    known = {"status", "code", "retry_after", "drop", "stall_s", "segment_id"}
+    known = {"status", "code", "retry_after", "drop", "stall_s", "segment_id"} | _RAW_KEYS
     unknown = set(entry) - known
     if unknown:
         raise FaultSpecError(f"unknown script keys: {sorted(unknown)}")
     kinds = [key for key in ("status", "drop", "stall_s") if key in entry]
     if len(kinds) != 1:
         raise FaultSpecError("a script entry needs exactly one of status, drop, stall_s")
-    segment = entry.get("segment_id")
-    if segment is not None and (isinstance(segment, bool) or not isinstance(segment, str | int)):
-        raise FaultSpecError("segment_id must be a string")
-    segment_id = None if segment is None else str(segment)
+    segment_id = _segment_id(entry.get("segment_id"))
+    if "status" not in entry and _RAW_KEYS & set(entry):
+        raise FaultSpecError("body, body_base64 and headers go with a status")
     if "drop" in entry:
-        if entry["drop"] not in (DROP_BEFORE, DROP_AFTER):
-            raise FaultSpecError('drop must be "before" or "after"')
+        if entry["drop"] not in _DROPS:
+            raise FaultSpecError(f"drop must be one of {', '.join(_DROPS)}")
         return Fault(drop=entry["drop"], segment_id=segment_id)
     if "stall_s" in entry:
         stall = _number(entry["stall_s"], "stall_s", high=3600.0)
         return Fault(stall_s=stall, segment_id=segment_id)
+    if _RAW_KEYS & set(entry):
+        return _raw_fault(entry, segment_id)
     status = entry["status"]
     if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
         raise FaultSpecError("status must be an HTTP error status (400-599)")
@@ -117,6 +137,48 @@ def parse_fault(entry: object) -> Fault:
             raise FaultSpecError("retry_after must be a string (seconds or HTTP-date)")
         retry_after = format_retry_after(retry_after)
     return Fault(status=status, code=code, retry_after=retry_after, segment_id=segment_id)
+
+
+_RAW_KEYS = frozenset({"body", "body_base64", "headers"})
+
+
+def _segment_id(segment: object) -> str | None:
+    if segment is not None and (isinstance(segment, bool) or not isinstance(segment, str | int)):
+        raise FaultSpecError("segment_id must be a string")
+    return None if segment is None else str(segment)
+
+
+def _raw_fault(entry: dict[str, Any], segment_id: str | None) -> Fault:
+    """A raw answer: any status 200-599, a body sent byte for byte, headers as given."""
+    status = entry["status"]
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise FaultSpecError("a raw answer's status must be 200-599")
+    if set(entry) & {"code", "retry_after"}:
+        raise FaultSpecError("a raw answer takes body and headers, not code or retry_after")
+    if "body" in entry and "body_base64" in entry:
+        raise FaultSpecError("give body or body_base64, not both")
+    body: bytes | None = None
+    if "body" in entry:
+        if not isinstance(entry["body"], str):
+            raise FaultSpecError("body must be a string (body_base64 for other bytes)")
+        body = entry["body"].encode()
+    elif "body_base64" in entry:
+        try:
+            body = base64.b64decode(str(entry["body_base64"]), validate=True)
+        except (binascii.Error, ValueError):
+            raise FaultSpecError("body_base64 must be base64") from None
+    headers = entry.get("headers")
+    if headers is not None and not (
+        isinstance(headers, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+    ):
+        raise FaultSpecError("headers must be an object of strings")
+    return Fault(
+        status=status,
+        body=body,
+        headers=None if headers is None else tuple(headers.items()),
+        segment_id=segment_id,
+    )
 
 
 def format_retry_after(value: str | float) -> str:
@@ -205,6 +267,17 @@ class FaultInjector:
         if script is not None:
             self.script = deque(script)
 
+    def take_upload_drop(self, segment_id: str) -> Fault | None:
+        """The next scripted fault for this segment if it cuts the upload off (taken
+        before the body is read); else None, and the script is left as it was."""
+        for index, fault in enumerate(self.script):
+            if fault.segment_id is None or fault.segment_id == segment_id:
+                if fault.drop != DROP_UPLOAD:
+                    return None
+                del self.script[index]
+                return fault
+        return None
+
     def latency_s(self) -> float:
         s = self.settings
         jitter = self._jitter_rng.uniform(0.0, s.latency_jitter_ms) if s.latency_jitter_ms else 0.0
@@ -260,6 +333,9 @@ def drop_connection(request: web.Request) -> DroppedResponse:
 
 def fault_response(fault: Fault) -> web.Response:
     status = fault.status or 500
+    if fault.raw:
+        # Sent as given (aiohttp adds an octet-stream Content-Type unless one is named).
+        return web.Response(status=status, body=fault.body or b"", headers=fault.headers or ())
     headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
     if status == 401:
         body = problem("authorization", "authorization-token-expired", "the token has expired")
@@ -293,7 +369,7 @@ async def with_faults(
         fault=fault.kind,
         origin=fault.origin,
     )
-    if fault.drop == DROP_BEFORE:
+    if fault.drop in (DROP_BEFORE, DROP_UPLOAD):
         return drop_connection(request)
     if fault.status is not None:
         return fault_response(fault)
@@ -304,3 +380,16 @@ async def with_faults(
         # Applied already: a client that times out here must not assume nothing happened.
         await asyncio.sleep(fault.stall_s)
     return response
+
+
+def cut_upload(
+    request: web.Request, injector: FaultInjector, entry: dict[str, Any]
+) -> DroppedResponse | None:
+    """Drop the connection before the body is read, if the script says so: the client is
+    cut off in the middle of its upload (a reset), not after it."""
+    fault = injector.take_upload_drop(entry["segment_id"])
+    if fault is None:
+        return None
+    entry["fault"] = fault.kind
+    log.info("sandbox_fault_injected", segment_id=entry["segment_id"], fault=fault.kind)
+    return drop_connection(request)

@@ -762,10 +762,10 @@ async def test_a_retired_api_version_stops_the_run_with_exit_2(
     assert states == {"pending": 5}, states
     assert sandbox.state.amendments_applied == 0
     rows = await audit(conn)
-    # Handed back: the chunk that met the 410, and any other claimed before the run
-    # stopped (one whose attempt had not started yet has no HTTP status).
-    outcomes = {(r["outcome"], r["http_status"]) for r in rows}
-    assert ("released", 410) in outcomes and outcomes <= {("released", 410), ("released", None)}
+    # Handed back with the 410, or (claimed when the run was already stopping) unsent.
+    assert {r["outcome"] for r in rows} == {"released"}
+    assert {(r["http_status"], r["attempts"] > 0) for r in rows} <= {(410, True), (None, False)}
+    assert any(r["http_status"] == 410 for r in rows)
     assert await run_statuses(conn) == ["failed"]
 
     fixed = await run_cli(env, "sync")

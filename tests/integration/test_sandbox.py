@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import importlib
@@ -546,6 +547,37 @@ async def test_scripted_drop(api: Api, when: str, applied: bool) -> None:
     assert stats["requests"]["rm_add_remove"] == {"dropped": 1}
     # The next request on the same session goes through on a fresh connection.
     assert (await api.rm_amend(seg, [sha(2)]))[0] == 200
+
+
+async def test_scripted_raw_answers_are_sent_as_given(api: Api) -> None:
+    """What a misbehaving API or a proxy may answer: any status, any bytes, any headers."""
+    seg = await api.segment()
+    html = b"<html>\xff\xfe Bad Gateway</html>"  # not UTF-8
+    script = [
+        {"status": 502, "body_base64": base64.b64encode(html).decode()},
+        {"status": 200, "body": '{"errors": [{"code": "x"}]}', "headers": {"X-A": "1"}},
+    ]
+    await api.control("POST", "faults", {"script": script})
+    path = f"/{V}/retail-media/audience-segments/{seg}/contact-list/add-remove"
+    auth = {"Authorization": f"Bearer {api.token}"}
+    async with api.session.post(api.url + path, json={}, headers=auth) as resp:
+        assert (resp.status, await resp.read()) == (502, html)
+    status, body, headers = await api.rm_amend(seg, [sha(1)])
+    assert (status, body, headers["X-A"]) == (200, {"errors": [{"code": "x"}]}, "1")
+    assert await api.members(seg) == []  # a raw answer applies nothing
+    for bad in ({"status": 200}, {"status": 200, "body": 1}, {"body": "x"}):
+        async with api.session.post(f"{api.url}/_sandbox/faults", json={"script": [bad]}) as r:
+            assert r.status == 400
+
+
+async def test_scripted_upload_drop_cuts_the_body_off(api: Api) -> None:
+    seg = await api.segment()
+    await api.control("POST", "faults", {"script": [{"drop": "upload"}]})
+    with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        await api.rm_amend(seg, [sha(n) for n in range(20_000)])
+    stats = await api.control("GET", "stats")
+    assert [e["fault"] for e in stats["log"]] == ["drop_upload"]
+    assert stats["identifiers_received"] == 0 and await api.members(seg) == []
 
 
 async def test_scripted_stall_still_applies(api: Api) -> None:
