@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Any
 
+import asyncpg
+
 from syncd import __version__, db, links, plan, report
 from syncd.config import Settings
 from syncd.db import migrations
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sync", help="plan and push every waiting change now (one run)")
     sub.add_parser("plan", help="show what a sync would send; sends and consumes nothing")
     st = sub.add_parser("status", help="recent runs, open chunks, waiting changes")
-    st.add_argument("--runs", type=int, default=5, help="how many recent runs to show")
+    st.add_argument("--runs", type=_count, default=5, help="how many recent runs to show")
 
     seg = sub.add_parser("segments", help="link CRM segment keys to Criteo segments")
     seg_sub = seg.add_subparsers(dest="segments_command", required=True, metavar="ACTION")
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(raw: str) -> int:
+    # ASCII digits only: int() would also take '-1', '1_0' and full-width digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number (0 or more)")
+    return int(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -74,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, MigrationError) as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return 2
-    except SyncdError as exc:
+    except asyncpg.InsufficientPrivilegeError as exc:  # the role, not syncd, must change
+        reason = (str(exc).splitlines() or ["permission denied"])[0]
+        print(f"syncd: {reason}; {db.PRIVILEGES_HINT}", file=sys.stderr)
+        return 2
+    except SyncdError as exc:  # DatabaseUnavailable among them: try again later
         print(f"syncd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
