@@ -123,6 +123,8 @@ def test_plain_decimals_are_accepted() -> None:
         # reserved characters in the password, not percent-encoded
         ("postgresql://u:se/cr3tpw@localhost:5432/crm", "percent-encode"),
         ("postgresql://u:/se-cr3tpw@localhost:5432/crm", "percent-encode"),
+        # digits before the '/': a valid port for host 'u', the rest a path with an '@'
+        ("postgresql://u:5432/cr3tpw@localhost:5432/crm", "percent-encode"),
         ("postgresql://u:se?cr3tpw@localhost:5432/crm", "percent-encode"),
         ("postgresql://u:se#cr3tpw@localhost:5432/crm", "percent-encode"),
     ],
