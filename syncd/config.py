@@ -220,14 +220,14 @@ def _database_url(raw: str) -> str:
         raise ValueError(f"the URL is malformed: {_ENCODE_HINT}")
     hosts = parts.netloc.rpartition("@")[2]
     try:
-        ports = parse_qs(parts.query, strict_parsing=False).get("port", [])
+        ports = parse_qs(parts.query).get("port", [])
         for host in hosts.split(","):
             _check_port(host.rpartition("]")[2].rpartition(":"))
         for port in ports:
             for one in port.split(","):
                 _check_port(("", ":", one))
     except ValueError as exc:
-        raise ValueError(f"{exc} (if the port looks right, {_ENCODE_HINT})") from None
+        raise ValueError(f"{exc}; if it is right, {_ENCODE_HINT}") from None
     return raw
 
 
