@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
 
 from syncd import __version__, db, links, plan, report
 from syncd.config import Settings
@@ -18,6 +21,9 @@ from syncd.errors import ConfigError, MigrationError, SyncdError, UsageError
 from syncd.logging import configure_logging
 from syncd.signals import run_until_signalled
 from syncd.sync import sync_once
+
+if TYPE_CHECKING:
+    from syncd.sandbox import InitialSegment, SandboxConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sync", help="plan and push every waiting change now (one run)")
     sub.add_parser("plan", help="show what a sync would send; sends and consumes nothing")
     st = sub.add_parser("status", help="recent runs, open chunks, waiting changes")
-    st.add_argument("--runs", type=int, default=5, help="how many recent runs to show")
+    st.add_argument("--runs", type=_count, default=5, help="how many recent runs to show")
 
     seg = sub.add_parser("segments", help="link CRM segment keys to Criteo segments")
     seg_sub = seg.add_subparsers(dest="segments_command", required=True, metavar="ACTION")
@@ -66,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--fault-rate-429", type=float, default=0.0)
     sb.add_argument("--fault-rate-drop", type=float, default=0.0)
     sb.add_argument("--token-ttl-s", type=int, default=900)
+    sb.add_argument(
+        "--segment",
+        action="append",
+        default=[],
+        type=_initial_segment,
+        metavar="ID[:API[:TYPE]]",
+        help="a segment the sandbox holds from the start (repeatable; API retail-media and "
+        "TYPE email by default), e.g. 523103620:retail-media:email",
+    )
 
     dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
     dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
@@ -79,6 +94,24 @@ def _ascii_int(text: str) -> int:
     return int(text)
 
 
+def _count(raw: str) -> int:
+    # ASCII digits only: int() would also take '-1', '1_0' and full-width digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number (0 or more)")
+    return int(raw)
+
+
+def _initial_segment(raw: str) -> InitialSegment:
+    from syncd.sandbox import InitialSegment  # aiohttp: only for the sandbox command
+
+    try:
+        return InitialSegment.parse(raw)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc}; use ID[:API[:TYPE]], e.g. 523103620:retail-media:email"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -86,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, MigrationError) as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return 2
-    except SyncdError as exc:
+    except asyncpg.InsufficientPrivilegeError as exc:  # the role, not syncd, must change
+        reason = (str(exc).splitlines() or ["permission denied"])[0]
+        print(f"syncd: {reason}; {db.PRIVILEGES_HINT}", file=sys.stderr)
+        return 2
+    except SyncdError as exc:  # DatabaseUnavailable among them: try again later
         print(f"syncd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -100,16 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sandbox":
         configure_logging("info", "json")
-        from syncd.sandbox import SandboxConfig, serve
+        from syncd.sandbox import serve
 
-        config = SandboxConfig(
-            latency_ms=args.latency_ms,
-            fault_rate_5xx=args.fault_rate_5xx,
-            fault_rate_429=args.fault_rate_429,
-            fault_rate_drop=args.fault_rate_drop,
-            token_ttl_s=args.token_ttl_s,
+        config = _sandbox_config(args)
+        run_until_signalled(
+            lambda stop: serve(
+                config, args.host, args.port, stop, lambda url: _announce_sandbox(url, config)
+            )
         )
-        run_until_signalled(lambda stop: serve(config, args.host, args.port, stop))
         return 0
     if args.command == "demo":
         configure_logging("warning", "console")
@@ -122,6 +157,41 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sync":
         return run_until_signalled(lambda stop: _sync(settings, stop))
     return asyncio.run(_with_connection(settings, args))
+
+
+def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
+    """The sandbox accepts the credentials syncd will send (CRITEO_CLIENT_ID/SECRET) when
+    they are set, its own defaults otherwise; the sandbox package never reads the env."""
+    from syncd.sandbox import SandboxConfig
+
+    defaults = SandboxConfig()
+    return SandboxConfig(
+        client_id=os.environ.get("CRITEO_CLIENT_ID", "").strip() or defaults.client_id,
+        client_secret=os.environ.get("CRITEO_CLIENT_SECRET", "").strip() or defaults.client_secret,
+        latency_ms=args.latency_ms,
+        fault_rate_5xx=args.fault_rate_5xx,
+        fault_rate_429=args.fault_rate_429,
+        fault_rate_drop=args.fault_rate_drop,
+        token_ttl_s=args.token_ttl_s,
+        segments=tuple(args.segment),
+    )
+
+
+def _announce_sandbox(url: str, config: SandboxConfig) -> None:
+    """One line for a person (the JSON log line is for machines); never the secret."""
+    if os.environ.get("CRITEO_CLIENT_SECRET", "").strip():
+        accepted = "the secret in CRITEO_CLIENT_SECRET"
+    else:
+        accepted = "its built-in secret (set CRITEO_CLIENT_ID and CRITEO_CLIENT_SECRET to choose)"
+    segments = ", ".join(
+        f"{s.id} ({s.api}, {s.identifier_type or 'any type'})" for s in config.segments
+    )
+    print(
+        f"syncd sandbox: serving on {url}; use CRITEO_API_URL={url}; it accepts client id "
+        f"{config.client_id!r} with {accepted}; segments: {segments or 'none yet'}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 async def _sync(settings: Settings, stop: asyncio.Event) -> int:

@@ -7,12 +7,13 @@ ConfigError naming the variable, before any work starts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from syncd.errors import ConfigError
 
@@ -24,6 +25,11 @@ DEFAULT_API_VERSION = "2026-07"
 _API_VERSION = re.compile(r"^(preview|20[2-9][0-9]-(0[1-9]|1[0-2]))$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("json", "console")
+# ASCII digits only: int() and float() also take '1_0', full-width and other Unicode
+# digits, 'nan' and 'inf', none of which an operator means in a setting.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+_ENCODE_HINT = "percent-encode reserved characters (/ ? # @ : %) in the user name and password"
 
 
 class Secret:
@@ -68,8 +74,6 @@ class Settings:
     retention_days: int = 30
     log_level: str = "info"
     log_format: str = "json"
-    # Commands that never talk to Criteo (migrate, segments, status, plan) run without credentials.
-    has_criteo_credentials: bool = field(default=True)
 
     @property
     def token_url(self) -> str:
@@ -79,7 +83,11 @@ class Settings:
     def from_env(
         cls, env: Mapping[str, str] | None = None, *, need_criteo: bool = True
     ) -> Settings:
-        """Read every variable; raise ConfigError for the first one that is wrong."""
+        """Read every variable; raise ConfigError for the first one that is wrong.
+
+        Commands that never talk to Criteo (migrate, segments, status, plan) pass
+        `need_criteo=False` and run without credentials.
+        """
         e = os.environ if env is None else env
         client_id = _get(e, "CRITEO_CLIENT_ID", str, required=need_criteo, default="")
         client_secret = _get(e, "CRITEO_CLIENT_SECRET", str, required=need_criteo, default="")
@@ -101,7 +109,6 @@ class Settings:
             retention_days=_get(e, "SYNCD_RETENTION_DAYS", _int_in(1, 3650), default=30),
             log_level=_get(e, "SYNCD_LOG_LEVEL", _choice(_LOG_LEVELS), default="info"),
             log_format=_get(e, "SYNCD_LOG_FORMAT", _choice(_LOG_FORMATS), default="json"),
-            has_criteo_credentials=bool(client_id and client_secret),
         )
         if settings.lease_s < settings.http_timeout_s * 2:
             raise ConfigError(
@@ -134,10 +141,9 @@ def _get(
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{raw!r} is not a whole number") from None
+        if not _WHOLE.fullmatch(raw):
+            raise ValueError(f"{raw!r} is not a whole number (ASCII digits only)")
+        value = int(raw)
         if not low <= value <= high:
             raise ValueError(f"{value} is out of range; use {low} to {high}")
         return value
@@ -147,10 +153,9 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 def _float_in(low: float, high: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{raw!r} is not a number") from None
+        if not _DECIMAL.fullmatch(raw):
+            raise ValueError(f"{raw!r} is not a number such as 0.5 (ASCII digits only)")
+        value = float(raw)
         if not low <= value <= high:
             raise ValueError(f"{value:g} is out of range; use {low:g} to {high:g}")
         return value
@@ -169,16 +174,60 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
 
 
 def _http_url(raw: str) -> str:
+    # A URL with an '@' may carry credentials (or a password whose unencoded '/' or '#'
+    # moved the rest into the path): it is refused without being echoed.
+    if "@" in raw:
+        raise ValueError(
+            "must not hold a user name or password; the credentials go in "
+            "CRITEO_CLIENT_ID and CRITEO_CLIENT_SECRET"
+        )
     parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{raw!r} is not an http(s) URL such as https://api.criteo.com")
+    _check_port(parts.netloc.rpartition("]")[2].rpartition(":"))
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(
+            "plain http is only for a sandbox on loopback (127.0.0.1, ::1, localhost); "
+            "use https for any other host"
+        )
     return raw.rstrip("/")
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_port(host_port: tuple[str, str, str]) -> None:
+    """`host_port` is `host.rpartition(":")`; the port, when given, must be 1-65535."""
+    _, colon, port = host_port
+    if colon and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("the port is not a number from 1 to 65535")
+
+
 def _database_url(raw: str) -> str:
-    # Never echo the URL back: it usually holds a password.
-    if urlsplit(raw).scheme not in ("postgres", "postgresql"):
+    # Never echo the URL, nor any part of it: it usually holds a password, and a password
+    # with an unencoded '/', '?' or '#' spills into the port, the path or the query.
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgres", "postgresql"):
         raise ValueError("must be a postgresql:// URL")
+    # The netloc ends at the first '/', '?' or '#': an '@' after it is a password's.
+    if "@" in raw.partition("//")[2][len(parts.netloc) :]:
+        raise ValueError(f"the URL is malformed: {_ENCODE_HINT}")
+    hosts = parts.netloc.rpartition("@")[2]
+    try:
+        ports = parse_qs(parts.query).get("port", [])
+        for host in hosts.split(","):
+            _check_port(host.rpartition("]")[2].rpartition(":"))
+        for port in ports:
+            for one in port.split(","):
+                _check_port(("", ":", one))
+    except ValueError as exc:
+        raise ValueError(f"{exc}; if it is right, {_ENCODE_HINT}") from None
     return raw
 
 

@@ -21,6 +21,10 @@ class UsageError(SyncdError):
     """The command was given something it cannot use (exit code 2)."""
 
 
+class DatabaseUnavailable(SyncdError):
+    """The database does not answer; nothing was done: try again later (exit code 1)."""
+
+
 class MigrationError(SyncdError):
     """The database schema cannot be brought up to date."""
 

@@ -14,11 +14,12 @@ for Criteo, so it must not share syncd's idea of what a valid identifier is.
 from __future__ import annotations
 
 from syncd.sandbox.app import RunningSandbox, create_app, serve, start_sandbox
-from syncd.sandbox.config import SandboxConfig
+from syncd.sandbox.config import InitialSegment, SandboxConfig
 from syncd.sandbox.state import SANDBOX_STATE, SandboxState
 
 __all__ = [
     "SANDBOX_STATE",
+    "InitialSegment",
     "RunningSandbox",
     "SandboxConfig",
     "SandboxState",

@@ -323,9 +323,18 @@ async def start_sandbox(
     return RunningSandbox(str(URL.build(scheme="http", host=host, port=bound_port)), app, runner)
 
 
-async def serve(config: SandboxConfig, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set: the ``syncd sandbox`` command (the CLI owns the signals)."""
+async def serve(
+    config: SandboxConfig,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until `stop` is set: the ``syncd sandbox`` command (the CLI owns the signals,
+    and `announce`, called with the URL once it serves, tells a person how to use it)."""
     async with await start_sandbox(config, host, port) as sandbox:
         log.info("sandbox_listening", url=sandbox.url, client_id=config.client_id)
+        if announce is not None:
+            announce(sandbox.url)
         await stop.wait()
     log.info("sandbox_stopped")

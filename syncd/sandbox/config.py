@@ -21,7 +21,46 @@ MS_TYPES = {t.lower(): t for t in ("email", "madid", "identityLink", "gum", "pho
 
 
 @dataclass(frozen=True)
+class InitialSegment:
+    """A segment the sandbox holds from its start, and again after a reset."""
+
+    id: str
+    api: str = RETAIL_MEDIA
+    identifier_type: str | None = "email"  # None: any type (Marketing Solutions only)
+    account_id: str = "1000"
+
+    def __post_init__(self) -> None:
+        if not (self.id.isascii() and self.id.isdigit()):
+            raise ValueError(f"segment id {self.id!r} is not a number")
+        if self.api not in (RETAIL_MEDIA, MARKETING_SOLUTIONS):
+            raise ValueError(f"API {self.api!r} is not {RETAIL_MEDIA} or {MARKETING_SOLUTIONS}")
+        types = RM_TYPES if self.api == RETAIL_MEDIA else MS_TYPES
+        if self.identifier_type is not None and self.identifier_type.lower() not in types:
+            known = ", ".join(types.values())
+            raise ValueError(f"identifier type {self.identifier_type!r} is not one of {known}")
+
+    @classmethod
+    def parse(cls, spec: str) -> InitialSegment:
+        """``ID[:API[:IDENTIFIER_TYPE]]``, as ``syncd sandbox --segment`` takes it."""
+        parts = spec.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"{spec!r} has more than three parts")
+        return cls(*parts)
+
+    def body(self) -> dict[str, str | None]:
+        """The same segment as a ``POST /_sandbox/segments`` body."""
+        return {
+            "id": self.id,
+            "api": self.api,
+            "identifier_type": self.identifier_type,
+            "account_id": self.account_id,
+        }
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
+    # `syncd sandbox` passes CRITEO_CLIENT_ID/SECRET when they are set, so a user's .env
+    # works against it unchanged.
     client_id: str = "sandbox-client"
     client_secret: str = "sandbox-secret"  # noqa: S105 - a fixture credential, not a secret
     token_ttl_s: int = 900
@@ -37,7 +76,11 @@ class SandboxConfig:
     retry_after_s: float = 1.0
     seed: int | None = None
     keep_members: bool = True  # False: only count, to save memory in the benchmark
+    segments: tuple[InitialSegment, ...] = ()
 
     def __post_init__(self) -> None:
         if self.response_shape not in ("docs", "sdk", "alternate"):
             raise ValueError("response_shape must be 'docs', 'sdk' or 'alternate'")
+        ids = [segment.id for segment in self.segments]
+        if len(set(ids)) < len(ids):
+            raise ValueError("two initial segments share an id")

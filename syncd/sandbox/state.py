@@ -138,7 +138,8 @@ class SandboxState:
         self.reset()
 
     def reset(self) -> None:
-        """Forget segments, members, counters and faults; tokens stay valid."""
+        """Back to the start: the initial segments only, empty; no counters, no faults;
+        tokens stay valid."""
         self.segments: dict[str, Segment] = {}
         self.token_requests = 0
         self.requests: dict[str, Counter[str]] = {}
@@ -151,6 +152,8 @@ class SandboxState:
         self._answers = 0  # Retail Media add-remove answers, for the alternating shape
         self.faults.reset()
         self.rate_limiter.reset()
+        for segment in self.config.segments:
+            self.seed_segment(segment.body())
 
     def add_segment(
         self,

@@ -59,7 +59,7 @@ def test_missing_required(name: str) -> None:
 
 def test_credentials_optional_for_commands_that_do_not_call_criteo() -> None:
     s = Settings.from_env({"SYNCD_DATABASE_URL": BASE["SYNCD_DATABASE_URL"]}, need_criteo=False)
-    assert not s.has_criteo_credentials
+    assert (s.criteo_client_id, s.criteo_client_secret.reveal()) == ("", "")
 
 
 def test_lease_must_outlive_a_request() -> None:
@@ -71,3 +71,144 @@ def test_settings_are_frozen() -> None:
     s = Settings.from_env(BASE)
     with pytest.raises(AttributeError):
         s.concurrency = 3  # type: ignore[misc]
+
+
+# --- numbers: ASCII digits only ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SYNCD_CONCURRENCY", "1_0"),
+        ("SYNCD_CONCURRENCY", "\uff11\uff10"),  # full-width "10"
+        ("SYNCD_CONCURRENCY", "\u0661"),  # Arabic-Indic "1"
+        ("SYNCD_CONCURRENCY", "+4"),
+        ("SYNCD_HTTP_TIMEOUT_S", "1_0"),
+        ("SYNCD_HTTP_TIMEOUT_S", "\uff11\uff10"),
+        ("SYNCD_HTTP_TIMEOUT_S", "nan"),
+        ("SYNCD_HTTP_TIMEOUT_S", "NaN"),
+        ("SYNCD_RETRY_MAX_WAIT_S", "inf"),
+        ("SYNCD_RETRY_MAX_WAIT_S", "Infinity"),
+        ("SYNCD_RETRY_BASE_S", "1e-1"),
+    ],
+)
+def test_numbers_are_plain_ascii_digits(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}: .* is not a"):
+        Settings.from_env({**BASE, name: value})
+
+
+def test_plain_decimals_are_accepted() -> None:
+    s = Settings.from_env(
+        {
+            **BASE,
+            "SYNCD_HTTP_TIMEOUT_S": "12.5",
+            "SYNCD_RETRY_BASE_S": "0",
+            "SYNCD_CONCURRENCY": "3",
+        }
+    )
+    assert (s.http_timeout_s, s.retry_base_s, s.concurrency) == (12.5, 0.0, 3)
+
+
+# --- SYNCD_DATABASE_URL: malformed is configuration, and never shows the password --------------
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("postgresql://u:pw@localhost:99999/crm", "port"),
+        ("postgresql://u:pw@localhost:0/crm", "port"),
+        ("postgresql://u:pw@localhost:54x/crm", "port"),
+        ("postgresql://u:pw@h1:5432,h2:70000/crm", "port"),
+        ("postgresql://u:pw@localhost/crm?port=99999", "port"),
+        # reserved characters in the password, not percent-encoded
+        ("postgresql://u:se/cr3tpw@localhost:5432/crm", "percent-encode"),
+        ("postgresql://u:/se-cr3tpw@localhost:5432/crm", "percent-encode"),
+        # digits before the '/': a valid port for host 'u', the rest a path with an '@'
+        ("postgresql://u:5432/cr3tpw@localhost:5432/crm", "percent-encode"),
+        ("postgresql://u:se?cr3tpw@localhost:5432/crm", "percent-encode"),
+        ("postgresql://u:se#cr3tpw@localhost:5432/crm", "percent-encode"),
+    ],
+)
+def test_malformed_database_url_is_named_without_its_password(url: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "SYNCD_DATABASE_URL": url})
+    message = str(caught.value)
+    assert message.startswith("SYNCD_DATABASE_URL: "), message
+    assert needle in message, message
+    for secret in ("pw", "cr3t", "se/", "se?", "se#", "/se"):
+        assert secret not in message, message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@localhost:5432/crm",
+        "postgres://u:p%2Fw@db.internal/crm?sslmode=require",
+        "postgresql://u:pw@h1:5432,h2:5433/crm",
+        "postgresql://u:pw@[::1]:5432/crm",
+        "postgresql:///crm?host=/var/run/postgresql",
+        "postgresql://u:p@ss@localhost/crm",  # '@' in a password: the last '@' ends it
+    ],
+)
+def test_well_formed_database_urls_are_accepted(url: str) -> None:
+    assert Settings.from_env({**BASE, "SYNCD_DATABASE_URL": url}).database_url.reveal() == url
+
+
+# --- CRITEO_API_URL ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8181",
+        "http://127.8.9.10:8181",
+        "http://localhost:8181",
+        "http://LOCALHOST",
+        "http://[::1]:8181",
+        "https://api.criteo.com",
+        "https://api.criteo.com:8443/",
+    ],
+)
+def test_api_url_plain_http_only_on_loopback(url: str) -> None:
+    assert Settings.from_env({**BASE, "CRITEO_API_URL": url}).criteo_api_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("http://api.criteo.com", "https"),
+        ("http://10.0.0.5:8181", "https"),
+        ("http://localhost.example.com", "https"),
+        ("http://128.0.0.1", "https"),
+        ("https://api.criteo.com:99999", "port"),
+        ("https://api.criteo.com:0", "port"),
+        ("https://api.criteo.com:http", "port"),
+        ("https://", "http(s) URL"),
+    ],
+)
+def test_api_url_refusals_name_the_variable(url: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "CRITEO_API_URL": url})
+    assert str(caught.value).startswith("CRITEO_API_URL: "), caught.value
+    assert needle in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://me:hunter2pw@api.criteo.com",
+        "https://me@api.criteo.com",
+        "http://me:hunter2pw@127.0.0.1:8181",
+        "https://me:hun/ter2pw@api.criteo.com",  # unencoded '/': the port would be 'hun'
+        "https://me:hun#ter2pw@api.criteo.com",
+        "ftp://me:hunter2pw@api.criteo.com",
+        "https://api.criteo.com/x@hunter2pw",
+    ],
+)
+def test_api_url_with_credentials_is_refused_without_echoing_them(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "CRITEO_API_URL": url})
+    message = str(caught.value)
+    assert message.startswith("CRITEO_API_URL: "), message
+    for secret in ("hunter2pw", "hun", "ter2pw", "me:", "me@"):
+        assert secret not in message, message
