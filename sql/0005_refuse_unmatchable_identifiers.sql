@@ -39,8 +39,9 @@ $check$;
 --     bidirectional marks, word joiner, variation selectors, byte order mark, Hangul
 --     fillers, tags ('contains_invisible_character');
 --   - an email address is at most 254 characters ('too_long'), the others keep theirs;
---   - a phone number's national trunk prefix written '(0)' after the country code is
---     dropped: '+44 (0)20 7946 0958' is +442079460958.
+--   - phone numbers: whitespace, dots and dashes dropped, then every '(0)' (a national
+--     trunk prefix written after the country code: '+44 (0)20 7946 0958' is
+--     +442079460958), then brackets; a leading 00 is read as +.
 -- Code points are spelled out (regular expression escapes, code point ranges): neither
 -- the classes nor their ranges depend on the database's locale.
 
