@@ -79,11 +79,9 @@ WHITESPACE = (
 # same code points): whitespace, control characters (lone surrogates too, which only a
 # Python string can hold and which could not be encoded), then invisible characters, the
 # Unicode Default_Ignorable_Code_Point property.
+_SPACE_CLASS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # WHITESPACE
 _REFUSED = (
-    (
-        re.compile(r"[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"),
-        "contains_whitespace",
-    ),
+    (re.compile(f"[{_SPACE_CLASS}]"), "contains_whitespace"),
     (re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]"), "contains_control_character"),
     (
         re.compile(
@@ -104,9 +102,7 @@ _EMAIL = re.compile(r"^[^@]+@[^@]+\.[^@]+$")
 _ASCII_EMAIL = re.compile(r"[!-?A-~]+@[!-?A-~]+\.[!-?A-~]+")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # Dropped from phone numbers: whitespace, dots, dashes; then '(0)', then brackets.
-_PHONE_SEPARATORS = re.compile(
-    r"[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000.-]"
-)
+_PHONE_SEPARATORS = re.compile(f"[{_SPACE_CLASS}.-]")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
