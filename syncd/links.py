@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from syncd.db import query
 from syncd.errors import UsageError
-from syncd.identifiers import APIS, MARKETING_SOLUTIONS, SEND_AS, parse_type
+from syncd.identifiers import APIS, MARKETING_SOLUTIONS, SEND_AS, WHITESPACE, parse_type
 
 # Criteo's gumCallerId is a 32-bit integer; an advertiser's caller id is positive.
 GUM_CALLER_ID_MAX = 2**31 - 1
@@ -30,8 +30,17 @@ class Link:
 
 def validate(link: Link) -> Link:
     """A link Criteo can serve, with the identifier type in its canonical spelling."""
-    if not link.segment_key.strip():
+    key = link.segment_key
+    if not key.strip(WHITESPACE):
         raise UsageError("the segment key must not be empty")
+    if key.strip(WHITESPACE) != key:
+        # Keys are matched exactly as the inbox holds them: stripping here would link a key
+        # that no inbox row carries, and the rows under the key as written would wait for ever.
+        raise UsageError(
+            f"the segment key {key!r} has leading or trailing whitespace; keys are matched "
+            "exactly as the CRM writes them, so such a key cannot be linked: have the CRM "
+            "write it without the whitespace"
+        )
     if link.api not in APIS:
         raise UsageError(f"unknown API {link.api!r}; use one of {', '.join(APIS)}")
     # isascii: str.isdigit alone takes '١٢٣' and '²', which Criteo's ids never contain.
@@ -52,7 +61,7 @@ def validate(link: Link) -> Link:
             f"as Criteo takes it; not {link.gum_caller_id}"
         )
     return Link(
-        segment_key=link.segment_key.strip(),
+        segment_key=key,
         criteo_segment_id=link.criteo_segment_id,
         identifier_type=kind.name,
         api=link.api,

@@ -9,6 +9,8 @@ from syncd.db import query
 from syncd.plan import SegmentPlan
 from syncd.sync import RunSummary
 
+UNLINKABLE_KEY = "whitespace at an end: can never be linked; have the CRM write the key without it"
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
@@ -222,8 +224,14 @@ async def status(conn: Any, runs: int = 5) -> str:
         )
         parts.append(
             table(
-                ["key", "changes", "oldest"],
-                [[r["segment_key"], r["changes"], r["oldest"]] for r in unlinked],
+                ["key", "changes", "oldest", "note"],
+                [
+                    # repr shows the whitespace that makes a key unlinkable.
+                    [repr(r["segment_key"]), r["changes"], r["oldest"], UNLINKABLE_KEY]
+                    if r["unlinkable"]
+                    else [r["segment_key"], r["changes"], r["oldest"], ""]
+                    for r in unlinked
+                ],
             )
         )
     return "\n".join(parts)

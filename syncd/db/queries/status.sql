@@ -45,8 +45,10 @@ SELECT c.id, c.segment_key, c.operation, c.identifier_count, c.last_error, c.pla
 FROM syncd.chunks c WHERE c.state = 'failed' ORDER BY c.plan_id, c.id LIMIT $1;
 
 -- name: waiting_unlinked
--- Inbox rows whose segment key is not linked: kept, not sent, until it is linked.
-SELECT m.segment_key, count(*) AS changes, min(m.changed_at) AS oldest
+-- Inbox rows whose segment key is not linked: kept, not sent, until it is linked. A key
+-- with whitespace at an end can never be linked (`link` refuses it): flagged.
+SELECT m.segment_key, count(*) AS changes, min(m.changed_at) AS oldest,
+    m.segment_key <> syncd.trim_whitespace(m.segment_key) AS unlinkable
 FROM syncd.membership_changes m
 WHERE NOT EXISTS (SELECT 1 FROM syncd.segments s WHERE s.segment_key = m.segment_key)
 GROUP BY m.segment_key ORDER BY m.segment_key;
