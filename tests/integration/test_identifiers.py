@@ -224,7 +224,7 @@ async def test_plan_refuses_what_cannot_match_and_sends_what_python_computes(
     run_id = await conn.fetchval(
         "INSERT INTO syncd.sync_runs (host, pid, target_window) VALUES ('t', 1, now()) RETURNING id"
     )
-    planned = await plan.plan_segment(conn, run_id, "vip", "email", "sha256", 50_000)
+    planned = await plan.plan_segment(conn, run_id, "vip", 50_000)
     assert (planned.adds, planned.rejected) == (2, 5)
     rejected = await conn.fetch(
         "SELECT identifier, reason FROM syncd.rejected_identifiers ORDER BY change_id"

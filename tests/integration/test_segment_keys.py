@@ -21,7 +21,7 @@ async def test_link_refuses_a_key_with_whitespace_at_an_end(conn: Any, key: str)
 
 
 async def test_link_keeps_inner_whitespace(conn: Any) -> None:
-    assert await links.link(conn, links.Link("vip members", "1", "email")) == "linked"
+    assert (await links.link(conn, links.Link("vip members", "1", "email"))).action == "linked"
     assert await conn.fetchval("SELECT segment_key FROM syncd.segments") == "vip members"
 
 
