@@ -12,13 +12,14 @@ that none of a run's requests is in flight. The run therefore
   or a heartbeat fails or does not answer within `heartbeat_s`): `on_lost` is called once;
 * is refused every send by the database once its last heartbeat is older than
   `valid_s` (the lease renewal right before each send checks it), whatever its process
-  believes: a heartbeat is confirmed or the run stopped within twice heartbeat_s;
+  believes: a heartbeat is confirmed or the run stopped within twice heartbeat_s, and
+  valid_s = 3 heartbeat_s + 1 s leaves room for a loaded event loop;
 * records `takeover_after_s` = valid_s + the HTTP timeout + one more heartbeat_s: after
   that long since its last heartbeat none of its requests can still be in flight, and
   only then may another run take its claimed chunks (syncd.run_is_gone).
 
 A run killed with kill -9 is thus taken over at most `takeover_after_s` after it died:
-75 s with the default SYNCD_HTTP_TIMEOUT_S of 60 s, 1.75 s with 1 s.
+81 s with the default SYNCD_HTTP_TIMEOUT_S of 60 s, 3 s with 1 s.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class LivenessTiming:
     @classmethod
     def for_settings(cls, settings: Settings) -> LivenessTiming:
         heartbeat = min(MAX_HEARTBEAT_S, max(MIN_HEARTBEAT_S, settings.http_timeout_s / 4))
-        valid = 2 * heartbeat
+        # Three periods and a second: a heartbeat waits heartbeat_s and may take as long
+        # again to answer, and a loaded event loop adds its own delay (valid = 2 periods
+        # made a live run's sends refused on a busy 2-core CI machine).
+        valid = 3 * heartbeat + 1.0
         return cls(heartbeat, valid, valid + settings.http_timeout_s + heartbeat)
 
 

@@ -305,7 +305,7 @@ async def test_kill_9_mid_run_then_the_next_run_finishes_without_resending(
 ) -> None:
     concurrency = 2
     env = {**env, "SYNCD_CHUNK_SIZE": "1000", "SYNCD_CONCURRENCY": str(concurrency)}
-    # A 2 s HTTP timeout: the killed run's claims are free 3.5 s after its last heartbeat.
+    # A 2 s HTTP timeout: the killed run's claims are free 5 s after its last heartbeat.
     env |= {"SYNCD_HTTP_TIMEOUT_S": "2", "SYNCD_LEASE_S": "30"}
     await link_segment(env, sandbox, "a", "1001")
     await link_segment(env, sandbox, "b", "1002")
