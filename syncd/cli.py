@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from syncd import __version__, db, links, plan, report
+from syncd import __version__, db, links, plan, report, status
 from syncd.config import Settings
 from syncd.db import migrations
 from syncd.errors import ConfigError, MigrationError, SyncdError, UsageError
@@ -211,7 +211,7 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         await migrations.check_schema(conn)
         if args.command == "status":
-            print(await report.status(conn, args.runs))
+            print(report.status_text(await status.read(conn, args.runs)))
             return 0
         if args.command == "plan":
             plans = await plan.preview(conn, settings.chunk_size)

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from syncd import links, report
+from syncd import links, report, status
 from syncd.config import Settings
 from syncd.db import load_queries, migrations
 from syncd.sandbox import SandboxConfig, start_sandbox
@@ -117,7 +117,7 @@ async def _demo(database_url: str, changes: int) -> int:
                     [[s.id, len(s.members)] for s in sandbox.state.segments.values()],
                 )
             )
-            say("\n" + await report.status(conn, runs=1))
+            say("\n" + report.status_text(await status.read(conn, runs=1)))
         finally:
             await conn.close()
         return summary.exit_code

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from syncd.db import query
 from syncd.plan import SegmentPlan
+from syncd.status import Status
 from syncd.sync import RunSummary
 
 UNLINKABLE_KEY = "whitespace at an end: can never be linked; have the CRM write the key without it"
@@ -161,12 +161,12 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
     )
 
 
-async def status(conn: Any, runs: int = 5) -> str:
-    parts = ["recent runs:" if runs else "recent runs: 0 shown (--runs 0)"]
-    if runs:
-        recent = await conn.fetch(query("recent_runs"), runs)
-        parts.append(_recent_runs(recent) if recent else "  none yet")
-    open_chunks = await conn.fetch(query("open_chunks_summary"))
+def status_text(s: Status) -> str:
+    """`syncd status`, as text."""
+    parts = ["recent runs:" if s.runs_asked else "recent runs: 0 shown (--runs 0)"]
+    if s.runs_asked:
+        parts.append(_recent_runs(s.recent_runs) if s.recent_runs else "  none yet")
+    open_chunks = s.open_chunks
     parts.append("chunks not yet acknowledged:")
     parts.append(
         table(
@@ -176,7 +176,13 @@ async def status(conn: Any, runs: int = 5) -> str:
         if open_chunks
         else "  none"
     )
-    failed = await conn.fetch(query("failed_chunks"), 20)
+    parts += _failed_and_unsendable(s)
+    return "\n".join(parts + _waiting(s))
+
+
+def _failed_and_unsendable(s: Status) -> list[str]:
+    parts: list[str] = []
+    failed = s.failed_chunks
     if failed:
         parts.append("failed chunks (retried by the next run):")
         parts.append(
@@ -194,7 +200,7 @@ async def status(conn: Any, runs: int = 5) -> str:
                 ],
             )
         )
-    unsendable = await conn.fetch(query("unsendable_chunks"))
+    unsendable = s.unsendable_chunks
     if unsendable:
         parts.append("chunks that cannot be sent (other segments go on without them):")
         parts.append(
@@ -213,9 +219,14 @@ async def status(conn: Any, runs: int = 5) -> str:
                 ],
             )
         )
-    linked_waiting = await conn.fetchval(query("waiting_linked"))
+    return parts
+
+
+def _waiting(s: Status) -> list[str]:
+    linked_waiting = s.waiting_linked
+    parts = []
     parts.append(f"changes waiting for the next plan (linked segments): {linked_waiting:,}")
-    unlinked = await conn.fetch(query("waiting_unlinked"))
+    unlinked = s.waiting_unlinked
     if unlinked:
         total = sum(r["changes"] for r in unlinked)
         parts.append(
@@ -234,4 +245,4 @@ async def status(conn: Any, runs: int = 5) -> str:
                 ],
             )
         )
-    return "\n".join(parts)
+    return parts

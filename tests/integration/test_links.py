@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from syncd import links, plan, report
+from syncd import links, plan, report, status
 from syncd.config import Settings
 from syncd.db import create_pool, query
 from syncd.db import migrations as db
@@ -164,7 +164,7 @@ async def test_a_chunk_that_cannot_be_sent_blocks_no_other_segment(
     assert claimed is not None and claimed["segment_key"] == "vip"
     assert claimed["criteo_segment_id"] == "1"
     assert await conn.fetchrow(query("claim_chunk"), run_id, 30) is None
-    shown = await report.status(conn)
+    shown = report.status_text(await status.read(conn))
     assert "cannot be sent" in shown
     line = next(x for x in shown.splitlines() if x.startswith("gone "))
     assert "no target" in line and "unlink gone --force" in line

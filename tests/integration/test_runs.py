@@ -11,7 +11,7 @@ import asyncpg
 import structlog
 from structlog.testing import capture_logs
 
-from syncd import links, plan, report
+from syncd import links, plan, report, status
 from syncd.config import Settings
 from syncd.criteo import CriteoClient
 from syncd.db import create_pool, query
@@ -251,7 +251,7 @@ async def test_status_of_a_killed_run_takes_its_totals_from_the_audit(
     assert (row["changes_consumed"], row["identifiers_rejected"]) == (21, 1)
     assert (row["chunks_planned"], row["chunks_acknowledged"], row["chunks_failed"]) == (2, 2, 0)
     assert row["identifiers_sent"] == 20
-    text = await report.status(conn, 5)
+    text = report.status_text(await status.read(conn, 5))
     line = next(x for x in text.splitlines() if x.lstrip().startswith(str(run["id"]) + " "))
     assert line.split()[1:2] == ["crashed"] and " 21 " in line, text
 
@@ -270,16 +270,18 @@ async def test_a_failed_run_with_chunks_left_did_not_make_the_window(
     assert "did not make the window" in text, text
     row = await conn.fetchrow("SELECT made_window FROM syncd.sync_runs")
     assert row["made_window"] is not True
-    line = (await report.status(conn, 5)).splitlines()[3]  # run 1's, under the headers
+    line = (report.status_text(await status.read(conn, 5))).splitlines()[
+        3
+    ]  # run 1's, under the headers
     assert line.split()[:2] == ["1", "failed"] and line.endswith("  not made"), line
 
 
 async def test_status_with_no_runs_asked_for(
     conn: Any, sandbox: RunningSandbox, settings: Settings
 ) -> None:
-    assert "none yet" in await report.status(conn, 5)  # no run has happened
+    assert "none yet" in report.status_text(await status.read(conn, 5))  # no run has happened
     await sync_once(settings)
-    text = await report.status(conn, 0)
+    text = report.status_text(await status.read(conn, 0))
     assert "none yet" not in text, text
     assert "recent runs: 0 shown" in text, text
 

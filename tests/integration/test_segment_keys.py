@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from syncd import links, report
+from syncd import links, report, status
 from syncd.errors import UsageError
 from tests.helpers import insert_changes
 
@@ -34,7 +34,7 @@ async def test_status_marks_inbox_keys_that_can_never_be_linked(conn: Any) -> No
             ("later", "c@x.com", "add"),
         ],
     )
-    text = await report.status(conn)
+    text = report.status_text(await status.read(conn))
     lines = text.splitlines()
     flagged = [line for line in lines if "whitespace" in line]
     assert any("' vip'" in line for line in flagged), text
