@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from syncd.db import query
@@ -60,15 +60,7 @@ def validate(link: Link) -> Link:
             f"--gum-caller-id must be a positive 32-bit integer (1 to {GUM_CALLER_ID_MAX}), "
             f"as Criteo takes it; not {link.gum_caller_id}"
         )
-    return Link(
-        segment_key=key,
-        criteo_segment_id=link.criteo_segment_id,
-        identifier_type=kind.name,
-        api=link.api,
-        send_as=link.send_as,
-        account_id=link.account_id,
-        gum_caller_id=link.gum_caller_id,
-    )
+    return replace(link, segment_key=key, identifier_type=kind.name)
 
 
 @dataclass(frozen=True)
