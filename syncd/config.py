@@ -7,6 +7,7 @@ ConfigError naming the variable, before any work starts.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import re
@@ -29,6 +30,12 @@ _LOG_FORMATS = ("json", "console")
 # digits, 'nan' and 'inf', none of which an operator means in a setting.
 _WHOLE = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+# Criteo computes contact-list audiences at 00:00 and 12:00 UTC (about 5 h to go live).
+DEFAULT_WINDOWS = (dt.time(0, 0), dt.time(12, 0))
+# Probes (Kubernetes, Docker HEALTHCHECK) and Prometheus reach the process from outside
+# its network namespace; SYNCD_HTTP_HOST=127.0.0.1 keeps the server local.
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104
+_HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 _ENCODE_HINT = "percent-encode reserved characters (/ ? # @ : %) in the user name and password"
 
 
@@ -74,6 +81,13 @@ class Settings:
     retention_days: int = 30
     log_level: str = "info"
     log_format: str = "json"
+    # -- `syncd run` (the daemon) --
+    windows_utc: tuple[dt.time, ...] = DEFAULT_WINDOWS
+    lead_minutes: int = 60
+    interval_minutes: int = 0  # 0: runs only ahead of windows
+    shutdown_grace_s: float = 20.0  # below Kubernetes' default 30 s termination grace
+    http_host: str = ALL_INTERFACES
+    http_port: int = 8080  # 0: no HTTP server
 
     @property
     def token_url(self) -> str:
@@ -109,6 +123,12 @@ class Settings:
             retention_days=_get(e, "SYNCD_RETENTION_DAYS", _int_in(1, 3650), default=30),
             log_level=_get(e, "SYNCD_LOG_LEVEL", _choice(_LOG_LEVELS), default="info"),
             log_format=_get(e, "SYNCD_LOG_FORMAT", _choice(_LOG_FORMATS), default="json"),
+            windows_utc=_get(e, "SYNCD_WINDOWS_UTC", _windows, default=DEFAULT_WINDOWS),
+            lead_minutes=_get(e, "SYNCD_LEAD_MINUTES", _int_in(0, 720), default=60),
+            interval_minutes=_get(e, "SYNCD_INTERVAL_MINUTES", _int_in(0, 1440), default=0),
+            shutdown_grace_s=_get(e, "SYNCD_SHUTDOWN_GRACE_S", _float_in(0, 3600), default=20.0),
+            http_host=_get(e, "SYNCD_HTTP_HOST", _host, default=ALL_INTERFACES),
+            http_port=_get(e, "SYNCD_HTTP_PORT", _int_in(0, 65535), default=8080),
         )
         if settings.lease_s < settings.http_timeout_s * 2:
             raise ConfigError(
@@ -235,3 +255,23 @@ def _api_version(raw: str) -> str:
     if not _API_VERSION.match(raw):
         raise ValueError(f"{raw!r} is not a Criteo API version such as {DEFAULT_API_VERSION}")
     return raw
+
+
+def _windows(raw: str) -> tuple[dt.time, ...]:
+    times: set[dt.time] = set()
+    for part in raw.split(","):
+        match = _HH_MM.fullmatch(part.strip())
+        if not match:
+            raise ValueError(f"{part.strip()!r} is not a UTC time HH:MM such as 00:00 or 12:00")
+        times.add(dt.time(int(match[1]), int(match[2])))
+    return tuple(sorted(times))
+
+
+def _host(raw: str) -> str:
+    # An address to listen on: an IP address or a plain host name, nothing else.
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", raw):
+            return raw
+        raise ValueError(f"{raw!r} is not an IP address or host name to listen on") from None

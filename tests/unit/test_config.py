@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+
 import pytest
 
 from syncd.config import MAX_CHUNK_SIZE, Settings
@@ -212,3 +215,31 @@ def test_api_url_with_credentials_is_refused_without_echoing_them(url: str) -> N
     assert message.startswith("CRITEO_API_URL: "), message
     for secret in ("hunter2pw", "hun", "ter2pw", "me:", "me@"):
         assert secret not in message, message
+
+
+def test_daemon_defaults_are_criteos_windows_an_hour_ahead() -> None:
+    s = Settings.from_env(BASE)
+    assert s.windows_utc == (dt.time(0, 0), dt.time(12, 0))
+    assert (s.lead_minutes, s.interval_minutes, s.shutdown_grace_s) == (60, 0, 20.0)
+    assert (s.http_host, s.http_port) == ("0.0.0.0", 8080)
+
+
+def test_windows_are_sorted_and_deduplicated() -> None:
+    s = Settings.from_env({**BASE, "SYNCD_WINDOWS_UTC": " 12:00, 06:30,12:00"})
+    assert s.windows_utc == (dt.time(6, 30), dt.time(12, 0))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("SYNCD_WINDOWS_UTC", "24:00", "SYNCD_WINDOWS_UTC: '24:00' is not a UTC time HH:MM"),
+        ("SYNCD_WINDOWS_UTC", "00:00,noon", "SYNCD_WINDOWS_UTC: 'noon' is not a UTC time HH:MM"),
+        ("SYNCD_WINDOWS_UTC", "0:00", "SYNCD_WINDOWS_UTC: '0:00' is not a UTC time HH:MM"),
+        ("SYNCD_LEAD_MINUTES", "721", "SYNCD_LEAD_MINUTES: 721 is out of range"),
+        ("SYNCD_HTTP_PORT", "70000", "SYNCD_HTTP_PORT: 70000 is out of range"),
+        ("SYNCD_HTTP_HOST", "a b", "SYNCD_HTTP_HOST: 'a b' is not an IP address or host name"),
+    ],
+)
+def test_daemon_settings_refusals_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env({**BASE, name: value})
