@@ -1,4 +1,4 @@
-"""Small helpers for the acceptance tests: run the real CLI, seed the inbox, steer the sandbox.
+"""The tests' shared helpers: run the real CLI, hash an address, seed the inbox, steer the sandbox.
 
 The CLI always runs as a subprocess driven by asyncio (never a blocking subprocess.run):
 the sandbox fixture serves from the test's own event loop, which must keep turning while
@@ -8,6 +8,7 @@ the child process talks to it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import sys
@@ -103,6 +104,11 @@ async def run_cli(env: Mapping[str, str], *args: str, limit_s: float = 60.0) -> 
     return await (await Cli.start(env, *args)).finish(limit_s)
 
 
+def sha256(text: str) -> str:
+    """An address as syncd sends it by default: the hex SHA-256 of its normalised form."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 async def insert_changes(conn: Any, rows: Iterable[Change]) -> None:
     """Append changes to the inbox in the given order (ids follow that order)."""
     await conn.copy_records_to_table(
@@ -111,6 +117,30 @@ async def insert_changes(conn: Any, rows: Iterable[Change]) -> None:
         records=list(rows),
         columns=["segment_key", "identifier", "operation"],
     )
+
+
+async def insert_generated_changes(conn: Any, key: str, count: int, operation: str = "add") -> None:
+    """`count` changes user1@example.com ... user<count>@example.com of one segment key."""
+    await conn.execute(
+        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+        "SELECT $1, 'user' || g || '@example.com', $3 FROM generate_series(1, $2) g",
+        key,
+        count,
+        operation,
+    )
+
+
+def one_line_error(result: CliResult, code: int, *needles: str) -> str:
+    """The exit code, and stderr exactly one `syncd: ...` line holding every needle."""
+    assert result.code == code, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result
+    assert lines[0].startswith("syncd: "), result
+    for needle in needles:
+        assert needle in lines[0], result
+    assert "Traceback" not in result.output, result
+    assert "unexpected error" not in result.output, result
+    return lines[0]
 
 
 def expected_members(

@@ -8,7 +8,6 @@ members and request log of the sandbox standing in for Criteo.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import signal
 import time
 from collections import Counter
@@ -29,7 +28,9 @@ from tests.helpers import (
     insert_changes,
     link_segment,
     members,
+    one_line_error,
     run_cli,
+    sha256,
     wait_until,
 )
 
@@ -40,10 +41,6 @@ pytestmark = pytest.mark.timeout(60)
 async def _reap_processes() -> AsyncIterator[None]:
     yield
     await Cli.reap()
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def emails(prefix: str, count: int, start: int = 0) -> Iterator[str]:
@@ -89,18 +86,6 @@ async def run_statuses(conn: Any) -> list[str]:
 
 async def set_latency(sandbox: RunningSandbox, ms: float) -> None:
     await control(sandbox, "POST", "faults", {"latency_ms": ms})
-
-
-def assert_one_clean_line(result: Any, *needles: str) -> str:
-    """Exit 2, stderr exactly one `syncd: ...` line holding every needle, no traceback."""
-    assert result.code == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result
-    assert lines[0].startswith("syncd: "), result
-    for needle in needles:
-        assert needle in lines[0], result
-    assert "Traceback" not in result.output, result
-    return lines[0]
 
 
 # --- 1. happy path --------------------------------------------------------------------------------
@@ -181,7 +166,7 @@ async def test_add_then_remove_of_the_same_address_nets_to_one_remove(
 ) -> None:
     await link_segment(env, sandbox, "vip", "1001")
     # Already in the segment at Criteo: the remove must take exactly this value out.
-    sandbox.state.segments["1001"].members.update({sha("a@x.com"), sha("other@x.com")})
+    sandbox.state.segments["1001"].members.update({sha256("a@x.com"), sha256("other@x.com")})
     await insert_changes(conn, [("vip", "A@x.com ", "add"), ("vip", "a@x.com", "remove")])
 
     result = await run_cli(env, "sync")
@@ -189,7 +174,7 @@ async def test_add_then_remove_of_the_same_address_nets_to_one_remove(
 
     log = amendment_log(sandbox)
     assert [(e["operation"], e["count"], e["status"]) for e in log] == [("remove", 1, 200)]
-    assert members(sandbox, "1001") == {sha("other@x.com")}
+    assert members(sandbox, "1001") == {sha256("other@x.com")}
     rows = await audit(conn)
     assert [(r["operation"], r["identifiers_sent"], r["nb_valid_identifiers"]) for r in rows] == [
         ("remove", 1, 1)
@@ -220,7 +205,7 @@ async def test_bad_configuration_is_one_line_and_exit_2(
 ) -> None:
     bad = {k: v for k, v in {**env, **change}.items() if v is not None}
     result = await run_cli(bad, command)
-    assert_one_clean_line(result, variable)
+    one_line_error(result, 2, variable)
     assert result.stdout == "", result
     assert "sandbox-secret" not in result.output
     assert "hunter2pw" not in result.output
@@ -259,7 +244,7 @@ async def test_segments_link_refuses_what_criteo_cannot_serve(
     env: dict[str, str], conn: Any, args: list[str], needle: str
 ) -> None:
     result = await run_cli(env, "segments", "link", "vip", "--segment-id", "1001", *args)
-    assert_one_clean_line(result, needle)
+    one_line_error(result, 2, needle)
     assert await conn.fetchval("SELECT count(*) FROM syncd.segments") == 0
 
 
@@ -451,7 +436,7 @@ async def test_a_later_remove_waits_for_the_earlier_add(
     plans = await conn.fetch("SELECT run_id, adds, removes FROM syncd.plans ORDER BY id")
     assert [(p["adds"], p["removes"]) for p in plans] == [(2, 0), (0, 1)]
     assert plans[0]["run_id"] != plans[1]["run_id"]
-    assert members(sandbox, "1001") == {sha("y@x.com")}
+    assert members(sandbox, "1001") == {sha256("y@x.com")}
     log = amendment_log(sandbox)
     assert [(e["operation"], e["status"]) for e in log] == [("add", 200), ("remove", 200)]
     # The remove left syncd only after the add was answered (latency_s after it arrived).
@@ -482,14 +467,14 @@ async def test_a_change_committed_late_is_sent_by_the_next_run(
 
         result = await run_cli(env, "sync")
         assert result.code == 0, result
-        assert members(sandbox, "1001") == {sha("early@x.com")}
+        assert members(sandbox, "1001") == {sha256("early@x.com")}
         assert [e["count"] for e in amendment_log(sandbox)] == [1]
 
         await late_tx.commit()
         assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 1
         result = await run_cli(env, "sync")
         assert result.code == 0, result
-        assert members(sandbox, "1001") == {sha("early@x.com"), sha("late@x.com")}
+        assert members(sandbox, "1001") == {sha256("early@x.com"), sha256("late@x.com")}
         assert [e["count"] for e in amendment_log(sandbox)] == [1, 1]
         assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 0
     finally:

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from syncd.sandbox import RunningSandbox
-from tests.helpers import Cli, CliResult, insert_changes, link_segment, run_cli
+from tests.helpers import Cli, insert_changes, link_segment, one_line_error, run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,19 +31,6 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 async def _reap_processes() -> AsyncIterator[None]:
     yield
     await Cli.reap()
-
-
-def one_line(result: CliResult, code: int, *needles: str) -> str:
-    """The exit code, and stderr exactly one `syncd: ...` line holding every needle."""
-    assert result.code == code, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result
-    assert lines[0].startswith("syncd: "), result
-    for needle in needles:
-        assert needle in lines[0], result
-    assert "Traceback" not in result.output, result
-    assert "unexpected error" not in result.output, result
-    return lines[0]
 
 
 def closed_port() -> int:
@@ -63,7 +50,7 @@ async def test_an_unreachable_database_is_unavailable_exit_1(
 ) -> None:
     url = f"postgresql://u:hunter2pw@127.0.0.1:{closed_port()}/crm"
     result = await run_cli({**env, "SYNCD_DATABASE_URL": url}, command)
-    line = one_line(result, 1, "database", "unavailable", "try again")
+    line = one_line_error(result, 1, "database", "unavailable", "try again")
     assert "SYNCD_DATABASE_URL" not in line  # not a settings problem
     assert "hunter2pw" not in result.output
 
@@ -80,14 +67,14 @@ async def test_a_malformed_database_url_is_exit_2_without_its_password(
     env: dict[str, str], url: str
 ) -> None:
     result = await run_cli({**env, "SYNCD_DATABASE_URL": url}, "status")
-    one_line(result, 2, "SYNCD_DATABASE_URL")
+    one_line_error(result, 2, "SYNCD_DATABASE_URL")
     assert "pa55" not in result.output and "w0rd" not in result.output, result
 
 
 async def test_a_database_that_does_not_exist_is_configuration(database_url: str) -> None:
     missing = urlunsplit(urlsplit(database_url)._replace(path="/no_such_database"))
     result = await run_cli({"SYNCD_DATABASE_URL": missing}, "status")
-    one_line(result, 2, "SYNCD_DATABASE_URL", "no_such_database")
+    one_line_error(result, 2, "SYNCD_DATABASE_URL", "no_such_database")
 
 
 # --- privileges -----------------------------------------------------------------------------------
@@ -177,7 +164,7 @@ async def test_a_role_that_cannot_connect_is_named_exit_2(
 ) -> None:
     role = await make_role()
     result = await run_cli({**env, "SYNCD_DATABASE_URL": role.url}, "status")
-    one_line(result, 2, "SYNCD_DATABASE_URL", "permission denied for database", "privilege")
+    one_line_error(result, 2, "SYNCD_DATABASE_URL", "permission denied for database", "privilege")
     assert "role-pw" not in result.output
 
 
@@ -206,7 +193,7 @@ async def test_a_role_without_the_privileges_syncd_needs_is_named_exit_2(
     await link_segment(env, sandbox, "vip", "1001")
     await insert_changes(conn, [("vip", "a@x.com", "add")])
     result = await run_cli({**env, "SYNCD_DATABASE_URL": role.url}, command)
-    one_line(result, 2, needle, "Database privileges")
+    one_line_error(result, 2, needle, "Database privileges")
 
 
 # --- usage ----------------------------------------------------------------------------------------
@@ -236,6 +223,6 @@ async def test_bad_settings_are_one_line_exit_2_naming_the_variable(
     env: dict[str, str], change: dict[str, str], needle: str
 ) -> None:
     result = await run_cli({**env, **change}, "sync")
-    line = one_line(result, 2, needle, next(iter(change)))
+    line = one_line_error(result, 2, needle, next(iter(change)))
     assert result.stdout == "", result
     assert "hunter2pw" not in result.output and "ter2pw" not in line, result

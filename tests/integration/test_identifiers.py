@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from typing import Any
@@ -12,16 +11,11 @@ import pytest
 from syncd import links, plan
 from syncd.errors import UsageError
 from syncd.identifiers import normalise, parse_type, wire_name
-from tests.helpers import insert_changes
+from tests.helpers import insert_changes, sha256
 
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-HEX64 = sha("already@hashed.com")
+HEX64 = sha256("already@hashed.com")
 CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
-    ("  Jane.Doe@Example.COM \n", "email", "sha256", (sha("jane.doe@example.com"), None)),
+    ("  Jane.Doe@Example.COM \n", "email", "sha256", (sha256("jane.doe@example.com"), None)),
     ("Jane.Doe@Example.COM", "email", "plain", ("jane.doe@example.com", None)),
     # Non-ASCII takes the database collation's lower() (ASCII a byte-wise one).
     (" Émile.Zoë@Exemple.FR", "email", "plain", ("émile.zoë@exemple.fr", None)),
@@ -39,8 +33,8 @@ CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
     ("", "email", "sha256", (None, "empty")),
     ("   ", "email", "sha256", (None, "empty")),
     (None, "email", "sha256", (None, "empty")),
-    ("+33 6 12-34.56 (78)", "phoneNumber", "sha256", (sha("33612345678"), None)),
-    ("0033612345678", "phoneNumber", "sha256", (sha("33612345678"), None)),
+    ("+33 6 12-34.56 (78)", "phoneNumber", "sha256", (sha256("33612345678"), None)),
+    ("0033612345678", "phoneNumber", "sha256", (sha256("33612345678"), None)),
     ("0033612345678", "phoneNumber", "plain", ("+33612345678", None)),
     ("0612345678", "phoneNumber", "sha256", (None, "not_an_e164_phone_number")),
     ("+1234", "phoneNumber", "sha256", (None, "not_an_e164_phone_number")),
@@ -59,7 +53,7 @@ CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
     # Unicode whitespace is trimmed at the ends (U+0085, no-break space, U+2028, U+3000,
     # vertical tab, form feed); inside it is refused, as are control and invisible
     # characters, wherever they are (an invisible character at an end is not trimmed).
-    ("\u00a0 Jane@Example.com\u2028\u3000", "email", "sha256", (sha("jane@example.com"), None)),
+    ("\u00a0 Jane@Example.com\u2028\u3000", "email", "sha256", (sha256("jane@example.com"), None)),
     ("\u000b\u000cjane@example.com\u0085\u2009", "email", "plain", ("jane@example.com", None)),
     ("jane\u00a0doe@example.com", "email", "sha256", (None, "contains_whitespace")),
     ("jane@exam\u2028ple.com", "email", "sha256", (None, "contains_whitespace")),
@@ -84,7 +78,7 @@ CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
     ("x" * 300, "email", "sha256", (None, "not_an_email")),
     # Full Unicode case mapping, the same whatever the database's collation.
     ("İSTANBUL@example.com", "email", "plain", ("i\u0307stanbul@example.com", None)),
-    ("İSTANBUL@example.com", "email", "sha256", (sha("i\u0307stanbul@example.com"), None)),
+    ("İSTANBUL@example.com", "email", "sha256", (sha256("i\u0307stanbul@example.com"), None)),
     ("STRAẞE@example.de", "email", "plain", ("straße@example.de", None)),
     # Greek: a final capital sigma lowers to the final form (U+03C2), a medial one to U+03C3.
     (
@@ -94,7 +88,7 @@ CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
         ("\u03bf\u03b4\u03bf\u03c2@example.gr", None),
     ),
     ("\u039f\u03a3.\u0391@example.gr", "email", "plain", ("\u03bf\u03c3.\u03b1@example.gr", None)),
-    ("\u03a3\u0391@example.gr", "email", "sha256", (sha("\u03c3\u03b1@example.gr"), None)),
+    ("\u03a3\u0391@example.gr", "email", "sha256", (sha256("\u03c3\u03b1@example.gr"), None)),
     ("\u212aELVIN@EXAMPLE.COM", "email", "plain", ("kelvin@example.com", None)),
     ("ǅOKIĆ@example.hr", "email", "plain", ("ǆokić@example.hr", None)),
     ("\u13a0\u13a1@example.com", "email", "plain", ("\uab70\uab71@example.com", None)),  # Cherokee
@@ -102,7 +96,7 @@ CASES: list[tuple[str | None, str, str, tuple[str | None, str | None]]] = [
     # A national trunk prefix written (0) after the country code is dropped; any Unicode
     # whitespace separates digits; control and invisible characters are refused.
     ("+44 (0)20 7946 0958", "phoneNumber", "plain", ("+442079460958", None)),
-    ("+44 (0)20 7946 0958", "phoneNumber", "sha256", (sha("442079460958"), None)),
+    ("+44 (0)20 7946 0958", "phoneNumber", "sha256", (sha256("442079460958"), None)),
     ("0044 (0) 20-7946-0958", "phoneNumber", "plain", ("+442079460958", None)),
     ("(0)20 7946 0958", "phoneNumber", "sha256", (None, "not_an_e164_phone_number")),
     (
@@ -239,7 +233,7 @@ async def test_plan_refuses_what_cannot_match_and_sends_what_python_computes(
     assert [r["identifier"] for r in rejected] == [raws[1], raws[2], raws[4], raws[5], raws[6]]
     payload = await conn.fetchval("SELECT payload FROM syncd.chunks WHERE segment_key = 'vip'")
     assert sorted(json.loads(payload)) == sorted(
-        [sha("jane@example.com"), sha("i\u0307stanbul@example.com")]
+        [sha256("jane@example.com"), sha256("i\u0307stanbul@example.com")]
     )
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +15,12 @@ from syncd import links, plan
 from syncd.config import Settings
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
+from tests.helpers import insert_changes, sha256
 from tests.integration.test_links import blocked_or_done
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 async def link(conn: Any, key: str, kind: str = "email", chunk_id: str = "1") -> None:
     await links.link(conn, links.Link(key, chunk_id, kind))
-
-
-async def add_changes(conn: Any, rows: Iterable[tuple[str, str | None, str]]) -> None:
-    await conn.executemany(
-        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
-        "VALUES ($1, $2, $3)",
-        list(rows),
-    )
 
 
 async def new_run(conn: Any) -> int:
@@ -62,7 +49,7 @@ async def chunk_payloads(conn: Any, key: str) -> dict[str, set[str]]:
 
 async def test_latest_change_wins_after_normalisation(conn: Any) -> None:
     await link(conn, "vip")
-    await add_changes(
+    await insert_changes(
         conn,
         [
             ("vip", "A@x.com ", "add"),
@@ -76,23 +63,23 @@ async def test_latest_change_wins_after_normalisation(conn: Any) -> None:
     p = await plan_one(conn, "vip")
     assert (p.changes_consumed, p.adds, p.removes, p.rejected, p.chunks) == (6, 2, 1, 0, 2)
     assert await chunk_payloads(conn, "vip") == {
-        "add": {sha("b@x.com"), sha("c@x.com")},
-        "remove": {sha("a@x.com")},
+        "add": {sha256("b@x.com"), sha256("c@x.com")},
+        "remove": {sha256("a@x.com")},
     }
     assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 0
 
 
 async def test_hashed_and_plain_forms_of_one_person_net_together(conn: Any) -> None:
     await link(conn, "vip")
-    await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", sha("a@x.com"), "remove")])
+    await insert_changes(conn, [("vip", "a@x.com", "add"), ("vip", sha256("a@x.com"), "remove")])
     p = await plan_one(conn, "vip")
     assert (p.adds, p.removes) == (0, 1)
 
 
 async def test_chunks_respect_the_size_and_one_operation_each(conn: Any) -> None:
     await link(conn, "vip")
-    await add_changes(conn, [("vip", f"u{i}@x.com", "add") for i in range(2_500)])
-    await add_changes(conn, [("vip", f"r{i}@x.com", "remove") for i in range(1_001)])
+    await insert_changes(conn, [("vip", f"u{i}@x.com", "add") for i in range(2_500)])
+    await insert_changes(conn, [("vip", f"r{i}@x.com", "remove") for i in range(1_001)])
     p = await plan_one(conn, "vip", chunk_size=1_000)
     rows = await conn.fetch(
         "SELECT operation, identifier_count, "
@@ -112,7 +99,7 @@ async def test_chunks_respect_the_size_and_one_operation_each(conn: Any) -> None
 
 async def test_invalid_identifiers_are_rejected_visibly(conn: Any) -> None:
     await link(conn, "vip")
-    await add_changes(
+    await insert_changes(
         conn,
         [
             ("vip", "ok@x.com", "add"),
@@ -135,7 +122,7 @@ async def test_invalid_identifiers_are_rejected_visibly(conn: Any) -> None:
 
 async def test_unlinked_keys_wait(conn: Any) -> None:
     await link(conn, "vip")
-    await add_changes(conn, [("vip", "a@x.com", "add"), ("later", "b@x.com", "add")])
+    await insert_changes(conn, [("vip", "a@x.com", "add"), ("later", "b@x.com", "add")])
     todo = await conn.fetch("SELECT segment_key FROM syncd.segments")
     assert [r["segment_key"] for r in todo] == ["vip"]
     await plan_one(conn, "vip")
@@ -155,7 +142,7 @@ async def test_late_committed_change_is_consumed_by_the_next_plan(
             "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
             "VALUES ('vip', 'early@x.com', 'add')"
         )  # smaller id, committed late
-        await add_changes(conn, [("vip", "later@x.com", "add")])
+        await insert_changes(conn, [("vip", "later@x.com", "add")])
         first = await plan_one(conn, "vip")
         await tx.commit()
         second = await plan_one(conn, "vip")
@@ -163,7 +150,7 @@ async def test_late_committed_change_is_consumed_by_the_next_plan(
         await crm.close()
     assert (first.adds, second.adds) == (1, 1)
     payloads = await chunk_payloads(conn, "vip")
-    assert payloads["add"] == {sha("early@x.com"), sha("later@x.com")}
+    assert payloads["add"] == {sha256("early@x.com"), sha256("later@x.com")}
 
 
 async def plan_while_another_session_runs(
@@ -198,7 +185,7 @@ async def test_change_committed_during_a_plan_waits_for_the_next(
     """A change that commits after the plan read the inbox but before it deleted what it
     read is neither planned nor deleted: the next plan takes it."""
     await link(conn, "vip")
-    await add_changes(conn, [("vip", "first@x.com", "add")])
+    await insert_changes(conn, [("vip", "first@x.com", "add")])
     first, _ = await plan_while_another_session_runs(
         conn,
         database_url,
@@ -212,7 +199,7 @@ async def test_change_committed_during_a_plan_waits_for_the_next(
     second = await plan_one(conn, "vip")
     assert (first.changes_consumed, second.changes_consumed) == (1, 1)
     payloads = await chunk_payloads(conn, "vip")
-    assert payloads["add"] == {sha("first@x.com"), sha("during@x.com")}
+    assert payloads["add"] == {sha256("first@x.com"), sha256("during@x.com")}
 
 
 async def test_plan_meets_a_foreign_delete_and_plans_again(
@@ -221,7 +208,7 @@ async def test_plan_meets_a_foreign_delete_and_plans_again(
     """Something other than syncd deletes an inbox row the plan read: the plan's DELETE
     meets a serialization failure, rolls back, and plans again from what is left."""
     await link(conn, "vip")
-    await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", "b@x.com", "add")])
+    await insert_changes(conn, [("vip", "a@x.com", "add"), ("vip", "b@x.com", "add")])
     p, reads = await plan_while_another_session_runs(
         conn,
         database_url,
@@ -231,13 +218,13 @@ async def test_plan_meets_a_foreign_delete_and_plans_again(
     )
     assert reads == 2
     assert (p.changes_consumed, p.adds) == (1, 1)
-    assert await chunk_payloads(conn, "vip") == {"add": {sha("a@x.com")}, "remove": set()}
+    assert await chunk_payloads(conn, "vip") == {"add": {sha256("a@x.com")}, "remove": set()}
     assert await conn.fetchval("SELECT count(*) FROM syncd.plans") == 1
 
 
 async def test_preview_changes_nothing(conn: Any) -> None:
     await link(conn, "vip")
-    await add_changes(conn, [("vip", "a@x.com", "add"), ("vip", "bad", "add")])
+    await insert_changes(conn, [("vip", "a@x.com", "add"), ("vip", "bad", "add")])
     plans = await plan.preview(conn, 50_000)
     assert [(p.segment_key, p.adds, p.rejected) for p in plans] == [("vip", 1, 1)]
     assert await conn.fetchval("SELECT count(*) FROM syncd.membership_changes") == 2
@@ -275,7 +262,7 @@ async def test_one_segments_failing_plan_does_not_stop_the_others(
     for key, segment_id in (("a", "1"), ("huge", "2"), ("z", "3")):
         sandbox.state.add_segment("retail-media", "42", "email", segment_id=segment_id)
         await link(conn, key, chunk_id=segment_id)
-        await add_changes(conn, [(key, f"{key}{i}@x.com", "add") for i in range(3)])
+        await insert_changes(conn, [(key, f"{key}{i}@x.com", "add") for i in range(3)])
     await conn.execute(PLAN_FAILURES[failure])
     with capture_logs() as logs:
         summary = await sync_once(settings)
@@ -290,7 +277,7 @@ async def test_one_segments_failing_plan_does_not_stop_the_others(
     assert (
         failed[0]["sqlstate"] == {"statement_timeout": "57014", "check_violation": "23514"}[failure]
     )
-    assert "huge0@x.com" not in repr(logs) and sha("huge0@x.com") not in repr(logs)
+    assert "huge0@x.com" not in repr(logs) and sha256("huge0@x.com") not in repr(logs)
     run = await conn.fetchrow("SELECT status, error FROM syncd.sync_runs")
     assert run["status"] == "failed" and "huge" in run["error"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import time
@@ -29,10 +28,7 @@ from syncd.plan import plan_segment
 from syncd.push import PAYLOAD_SLICE_BYTES, Pusher, Sleep
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+from tests.helpers import sha256
 
 
 async def setup_segments(
@@ -111,7 +107,7 @@ async def test_concurrency_is_capped_and_used(
     assert stats["max_in_flight"] == 3  # never more than SYNCD_CONCURRENCY, and all of it used
     for n in range(6):
         members = sandbox.state.segments[str(1000 + n)].members
-        assert members == {sha(f"user{i}@example.com") for i in range(1, 301)}
+        assert members == {sha256(f"user{i}@example.com") for i in range(1, 301)}
 
 
 async def test_429_pauses_every_sender(
@@ -215,7 +211,7 @@ async def test_logs_carry_no_identifier_or_secret(
     with capture_logs() as logs:
         await sync_once(with_env(env))
     text = repr(logs)
-    assert "user1@example.com" not in text and sha("user1@example.com") not in text
+    assert "user1@example.com" not in text and sha256("user1@example.com") not in text
     assert "sandbox-secret" not in text
     assert {"run_started", "segment_planned", "chunk_retry", "chunk_pushed", "run_finished"} <= {
         e["event"] for e in logs
@@ -469,7 +465,7 @@ async def test_many_401s_at_once_refetch_the_token_once(
 ) -> None:
     sandbox.state.add_segment("retail-media", "42", "email", segment_id="1000")
     target = Target("retail-media", "1000", "email")
-    payload = json.dumps([sha("a@example.com")]).encode()
+    payload = json.dumps([sha256("a@example.com")]).encode()
 
     async def identifiers() -> AsyncIterator[bytes]:
         yield payload

@@ -20,22 +20,12 @@ from syncd.db.locks import MIGRATION_LOCK_NAMESPACE, RUN_LOCK_NAMESPACE
 from syncd.push import Pusher
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
-from tests.helpers import control, wait_until
+from tests.helpers import control, insert_generated_changes, wait_until
 
 
 async def link_segment(conn: Any, sandbox: RunningSandbox, key: str, criteo_id: str) -> None:
     sandbox.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
     await links.link(conn, links.Link(key, criteo_id, "email"))
-
-
-async def add_changes(conn: Any, key: str, count: int, operation: str = "add") -> None:
-    await conn.execute(
-        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
-        "SELECT $1, 'user' || g || '@example.com', $3 FROM generate_series(1, $2) g",
-        key,
-        count,
-        operation,
-    )
 
 
 def with_env(env: dict[str, str], **extra: str) -> Settings:
@@ -70,7 +60,7 @@ async def test_a_run_that_loses_its_lock_stops_and_its_chunk_is_not_taken_over_a
         SYNCD_CONCURRENCY="1",
     )
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 30)  # three chunks
+    await insert_generated_changes(conn, "vip", 30)  # three chunks
     await control(sandbox, "POST", "faults", {"latency_ms": 1500})
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         first = asyncio.create_task(sync_once(settings))
@@ -114,7 +104,7 @@ async def test_a_dead_runs_claims_wait_for_its_takeover_bound(
     """A run whose lock is gone may still have a request in flight: its claims are taken
     over once its last heartbeat is older than the bound it recorded, not before."""
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 5)
+    await insert_generated_changes(conn, "vip", 5)
     pool = await create_pool(settings)
     try:
         runs = [
@@ -158,7 +148,7 @@ async def test_a_run_whose_heartbeat_is_stale_sends_nothing(
     """The database refuses a send (the lease renewal before it) once a run's last
     heartbeat is older than the time it vouches for, whatever the run's process believes."""
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 5)
+    await insert_generated_changes(conn, "vip", 5)
     pool = await create_pool(settings)
     try:
         run = await conn.fetchrow(query("start_run"), "manual", "t", 1, 2.0, 10.0)
@@ -186,7 +176,7 @@ async def test_the_lock_connection_outlives_idle_session_timeout(
     await conn.execute(f"ALTER DATABASE {name} SET idle_session_timeout = '400ms'")
     settings = with_env(env, SYNCD_HTTP_TIMEOUT_S="3", SYNCD_LEASE_S="10")
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 5)
+    await insert_generated_changes(conn, "vip", 5)
     await control(sandbox, "POST", "faults", {"latency_ms": 1500})
     with capture_logs() as logs:
         summary = await sync_once(settings)
@@ -226,7 +216,7 @@ async def test_status_of_a_killed_run_takes_its_totals_from_the_audit(
     """A run killed with kill -9 never wrote its totals: status counts them from its plans
     and its audit rows."""
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 20)
+    await insert_generated_changes(conn, "vip", 20)
     await conn.execute(
         "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
         "VALUES ('vip', 'not an address', 'add')"
@@ -260,7 +250,7 @@ async def test_a_failed_run_with_chunks_left_did_not_make_the_window(
     conn: Any, sandbox: RunningSandbox, settings: Settings
 ) -> None:
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 5)
+    await insert_generated_changes(conn, "vip", 5)
     await control(sandbox, "POST", "faults", {"script": [{"status": 400}]})
     summary = await sync_once(settings)
     assert (summary.status, summary.chunks_failed, summary.exit_code) == ("failed", 1, 1)
@@ -290,7 +280,7 @@ async def test_plan_preview_uses_up_no_run_id(
     conn: Any, sandbox: RunningSandbox, settings: Settings
 ) -> None:
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 5)
+    await insert_generated_changes(conn, "vip", 5)
     for _ in range(2):
         [previewed] = await plan.preview(conn, 50_000)
         assert previewed.adds == 5
@@ -302,12 +292,12 @@ async def test_plan_preview_uses_up_no_run_id(
 async def test_the_run_summary_says_changes_wait_for_an_unlinked_key(
     conn: Any, sandbox: RunningSandbox, settings: Settings
 ) -> None:
-    await add_changes(conn, "ghost", 3)
+    await insert_generated_changes(conn, "ghost", 3)
     summary = await sync_once(settings)
     text = report.run_summary(summary)
     assert "3 change(s) wait for a link: ghost" in text, text
     await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 2)
+    await insert_generated_changes(conn, "vip", 2)
     summary = await sync_once(settings)
     text = report.run_summary(summary)
     assert summary.chunks_acknowledged == 1
@@ -325,7 +315,7 @@ async def test_every_line_of_a_run_carries_its_run_id(
     settings = with_env(env, SYNCD_CHUNK_SIZE="10", SYNCD_CONCURRENCY="2")
     for n in range(4):
         await link_segment(conn, sandbox, f"s{n}", str(1000 + n))
-        await add_changes(conn, f"s{n}", 50)
+        await insert_generated_changes(conn, f"s{n}", 50)
     await control(sandbox, "POST", "faults", {"latency_ms": 100})
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         summaries = await asyncio.gather(sync_once(settings), sync_once(settings))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import importlib
 import io
 import json
@@ -26,13 +25,14 @@ from syncd.sandbox import (
     create_app,
     start_sandbox,
 )
+from tests.helpers import control, sha256
 
 V = "2026-07"
 ACCOUNT = "625702934721171442"
 
 
-def sha(n: int) -> str:
-    return hashlib.sha256(f"user{n}@example.com".encode()).hexdigest()
+def user_hash(n: int) -> str:
+    return sha256(f"user{n}@example.com")
 
 
 def result(body: Any) -> Any:
@@ -72,9 +72,7 @@ class Api:
             return resp.status, json.loads(text) if text else None, resp.headers
 
     async def control(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.session.request(method, f"{self.url}/_sandbox/{path}", json=body) as resp:
-            assert resp.status < 300, await resp.text()
-            return await resp.json()
+        return await control(self.sandbox, method, path, body)
 
     async def segment(self, api: str = "retail-media", identifier_type: str = "Email") -> str:
         body = {"api": api, "identifier_type": identifier_type, "account_id": ACCOUNT}
@@ -151,7 +149,7 @@ async def test_token_refusals(api: Api) -> None:
 async def test_calls_without_a_valid_token_are_refused(api: Api) -> None:
     seg = await api.segment()
     api.token = "forged"
-    status, body, _ = await api.rm_amend(seg, [sha(1)])
+    status, body, _ = await api.rm_amend(seg, [user_hash(1)])
     assert status == 401
     assert body["errors"][0]["code"] == "authorization-token-invalid"
     async with api.session.post(
@@ -163,19 +161,19 @@ async def test_calls_without_a_valid_token_are_refused(api: Api) -> None:
 async def test_tokens_really_expire() -> None:
     async with running(SandboxConfig(token_ttl_s=1)) as api:
         seg = await api.segment()
-        assert (await api.rm_amend(seg, [sha(1)]))[0] == 200
+        assert (await api.rm_amend(seg, [user_hash(1)]))[0] == 200
         await asyncio.sleep(1.1)
-        status, body, _ = await api.rm_amend(seg, [sha(2)])
+        status, body, _ = await api.rm_amend(seg, [user_hash(2)])
         assert status == 401
         assert body["errors"][0]["code"] == "authorization-token-expired"
         await api.login()
-        assert (await api.rm_amend(seg, [sha(2)]))[0] == 200
+        assert (await api.rm_amend(seg, [user_hash(2)]))[0] == 200
 
 
 async def test_expire_tokens_control(api: Api) -> None:
     seg = await api.segment()
     await api.control("POST", "expire-tokens")
-    status, body, _ = await api.rm_amend(seg, [sha(1)])
+    status, body, _ = await api.rm_amend(seg, [user_hash(1)])
     assert status == 401 and body["errors"][0]["code"] == "authorization-token-expired"
 
 
@@ -184,7 +182,7 @@ async def test_expire_tokens_control(api: Api) -> None:
 
 async def test_retail_media_answers_alternate_between_docs_and_sdk_shapes(api: Api) -> None:
     seg = await api.segment()
-    status, first, _ = await api.rm_amend(seg, [sha(1), sha(2)])
+    status, first, _ = await api.rm_amend(seg, [user_hash(1), user_hash(2)])
     assert status == 200
     assert first["data"]["type"] == "AddRemoveContactlistResult"
     attrs = first["data"]["attributes"]
@@ -193,7 +191,7 @@ async def test_retail_media_answers_alternate_between_docs_and_sdk_shapes(api: A
     assert attrs["operation"] == "add" and attrs["identifierType"] == "Email"
     assert attrs["requestDate"].endswith("Z") and len(attrs["requestDate"]) == 24
     assert first["errors"] == [] and first["warnings"] == []
-    _, second, _ = await api.rm_amend(seg, [sha(3)], id_type="email")
+    _, second, _ = await api.rm_amend(seg, [user_hash(3)], id_type="email")
     assert "attributes" not in second["data"] and "type" not in second["data"]
     assert second["data"]["nbValidIdentifiers"] == 1
     assert second["data"]["identifierType"] == "email"
@@ -205,17 +203,17 @@ async def test_retail_media_fixed_shape(shape: str) -> None:
     async with running(SandboxConfig(response_shape=shape)) as api:
         seg = await api.segment()
         for _ in range(2):
-            _, body, _ = await api.rm_amend(seg, [sha(1)])
+            _, body, _ = await api.rm_amend(seg, [user_hash(1)])
             assert ("attributes" in body["data"]) is (shape == "docs")
 
 
 async def test_marketing_solutions_patch(api: Api) -> None:
     seg = await api.segment("marketing-solutions", "email")
-    status, body, _ = await api.ms_amend(seg, [sha(1), "a@b.com"])
+    status, body, _ = await api.ms_amend(seg, [user_hash(1), "a@b.com"])
     assert status == 200
     assert body["data"]["type"] == "ContactlistAmendment"
     assert body["data"]["attributes"]["nbValidIdentifiers"] == 2
-    assert sorted(await api.members(seg)) == sorted([sha(1), "a@b.com"])
+    assert sorted(await api.members(seg)) == sorted([user_hash(1), "a@b.com"])
 
 
 async def test_marketing_solutions_gum_needs_caller_id(api: Api) -> None:
@@ -248,7 +246,7 @@ def _too_many() -> list[str]:
 )
 async def test_amendment_validation(api: Api, case: str, status: int, code: str) -> None:
     seg = await api.segment()
-    ids: Any = [sha(1)]
+    ids: Any = [user_hash(1)]
     kw: dict[str, Any] = {}
     if case == "too_many":
         ids = _too_many()
@@ -259,9 +257,9 @@ async def test_amendment_validation(api: Api, case: str, status: int, code: str)
     elif case == "bad_operation":
         kw["op"] = "replace"
     elif case == "not_strings":
-        ids = [sha(1), 42]
+        ids = [user_hash(1), 42]
     elif case == "not_a_list":
-        ids = sha(1)
+        ids = user_hash(1)
     elif case == "mismatch":
         kw["id_type"] = "PhoneNumber"
     elif case == "unknown_segment":
@@ -298,7 +296,7 @@ async def test_fifty_thousand_identifiers_are_accepted_quickly(api: Api) -> None
 async def test_invalid_identifiers_are_counted_sampled_and_warned(api: Api) -> None:
     seg = await api.segment()
     bad = ["not-an-email", "a@b", "A" * 64, "x y@z.com", "", "@@.", "no@dots"]
-    good = [sha(1), "0" * 32, "first.last@example.co.uk"]
+    good = [user_hash(1), "0" * 32, "first.last@example.co.uk"]
     _, body, _ = await api.rm_amend(seg, good + bad)
     attrs = body["data"]["attributes"]
     assert attrs["nbValidIdentifiers"] == 3 and attrs["nbInvalidIdentifiers"] == 7
@@ -311,11 +309,11 @@ async def test_invalid_identifiers_are_counted_sampled_and_warned(api: Api) -> N
 
 async def test_phone_madid_and_plain_types(api: Api) -> None:
     phone = await api.segment("retail-media", "PhoneNumber")
-    ids = ["+33 01 23 45 67 89", "+330123-45-6789", sha(1), "0123456789", "+1234567"]
+    ids = ["+33 01 23 45 67 89", "+330123-45-6789", user_hash(1), "0123456789", "+1234567"]
     _, body, _ = await api.rm_amend(phone, ids, id_type="phonenumber")
     assert body["data"]["attributes"]["nbInvalidIdentifiers"] == 2
     madid = await api.segment("marketing-solutions", "madid")
-    ids = ["6D92078A-8246-4BA4-AE5B-76104861E7DC", sha(2), "not-a-uuid"]
+    ids = ["6D92078A-8246-4BA4-AE5B-76104861E7DC", user_hash(2), "not-a-uuid"]
     _, body, _ = await api.ms_amend(madid, ids, id_type="madid")
     assert body["data"]["attributes"]["nbValidIdentifiers"] == 2
     customer = await api.segment("retail-media", "CustomerId")
@@ -325,18 +323,18 @@ async def test_phone_madid_and_plain_types(api: Api) -> None:
 
 async def test_member_set_semantics(api: Api) -> None:
     seg = await api.segment()
-    await api.rm_amend(seg, [sha(1), sha(2)])
-    await api.rm_amend(seg, [sha(2), sha(3), sha(3)])
-    assert sorted(await api.members(seg)) == sorted([sha(1), sha(2), sha(3)])
-    await api.rm_amend(seg, [sha(2), sha(9)], op="remove")
-    assert sorted(await api.members(seg)) == sorted([sha(1), sha(3)])
+    await api.rm_amend(seg, [user_hash(1), user_hash(2)])
+    await api.rm_amend(seg, [user_hash(2), user_hash(3), user_hash(3)])
+    assert sorted(await api.members(seg)) == sorted([user_hash(1), user_hash(2), user_hash(3)])
+    await api.rm_amend(seg, [user_hash(2), user_hash(9)], op="remove")
+    assert sorted(await api.members(seg)) == sorted([user_hash(1), user_hash(3)])
 
 
 async def test_counting_without_member_sets() -> None:
     async with running(SandboxConfig(keep_members=False)) as api:
         seg = await api.segment()
-        await api.rm_amend(seg, [sha(1), sha(2)])
-        await api.rm_amend(seg, [sha(3)], op="remove")
+        await api.rm_amend(seg, [user_hash(1), user_hash(2)])
+        await api.rm_amend(seg, [user_hash(3)], op="remove")
         info = await api.control("GET", f"segments/{seg}?members=1")
         assert info["size"] == 1 and info["members"] == []
 
@@ -346,14 +344,14 @@ async def test_counting_without_member_sets() -> None:
 
 async def test_clear_both_apis(api: Api) -> None:
     rm = await api.segment()
-    await api.rm_amend(rm, [sha(1)])
+    await api.rm_amend(rm, [user_hash(1)])
     status, body, _ = await api.call(
         "POST", f"/{V}/retail-media/audience-segments/{rm}/contact-list/clear"
     )
     assert (status, body) == (204, None)
     assert await api.members(rm) == []
     ms = await api.segment("marketing-solutions", "email")
-    await api.ms_amend(ms, [sha(1)])
+    await api.ms_amend(ms, [user_hash(1)])
     status, body, _ = await api.call(
         "DELETE", f"/{V}/marketing-solutions/audience-segments/{ms}/contact-list"
     )
@@ -364,7 +362,7 @@ async def test_clear_both_apis(api: Api) -> None:
 
 async def test_statistics_both_apis(api: Api) -> None:
     rm = await api.segment()
-    await api.rm_amend(rm, [sha(n) for n in range(5)])
+    await api.rm_amend(rm, [user_hash(n) for n in range(5)])
     status, body, _ = await api.call(
         "GET", f"/{V}/retail-media/accounts/{ACCOUNT}/audience-segments/{rm}/contact-list"
     )
@@ -380,7 +378,7 @@ async def test_statistics_both_apis(api: Api) -> None:
     )
     assert status == 404
     ms = await api.segment("marketing-solutions", "email")
-    await api.ms_amend(ms, [sha(1), sha(2)])
+    await api.ms_amend(ms, [user_hash(1), user_hash(2)])
     status, body, _ = await api.call(
         "GET", f"/{V}/marketing-solutions/audience-segments/{ms}/contact-list/statistics"
     )
@@ -422,7 +420,7 @@ async def test_create_partial_approval(api: Api) -> None:
     codes = {(w["instance"], w["code"]) for w in body["warnings"]}
     assert codes == {("@data/0", "name-must-be-unique"), ("@data/2", "name-must-not-be-empty")}
     # The created segment takes amendments of its own type.
-    assert (await api.rm_amend(entity["id"], [sha(1)]))[0] == 200
+    assert (await api.rm_amend(entity["id"], [user_hash(1)]))[0] == 200
 
     ms_path = f"/{V}/marketing-solutions/audience-segments/create"
     ms_item = {
@@ -498,11 +496,11 @@ async def test_versions(api: Api) -> None:
 async def test_scripted_503_and_500_then_success(api: Api) -> None:
     seg = await api.segment()
     await api.control("POST", "faults", {"script": [{"status": 503}, {"status": 500}]})
-    assert (await api.rm_amend(seg, [sha(1)]))[0] == 503
-    assert (await api.rm_amend(seg, [sha(1)]))[0] == 500
+    assert (await api.rm_amend(seg, [user_hash(1)]))[0] == 503
+    assert (await api.rm_amend(seg, [user_hash(1)]))[0] == 500
     assert await api.members(seg) == []
-    assert (await api.rm_amend(seg, [sha(1)]))[0] == 200
-    assert await api.members(seg) == [sha(1)]
+    assert (await api.rm_amend(seg, [user_hash(1)]))[0] == 200
+    assert await api.members(seg) == [user_hash(1)]
 
 
 @pytest.mark.parametrize(
@@ -517,7 +515,7 @@ async def test_scripted_429_retry_after(
     if retry_after is not None:
         fault["retry_after"] = retry_after
     await api.control("POST", "faults", {"script": [fault]})
-    status, body, headers = await api.rm_amend(seg, [sha(1)])
+    status, body, headers = await api.rm_amend(seg, [user_hash(1)])
     assert status == 429 and headers.get("Retry-After") == header
     assert body["errors"][0]["type"] == "quota"
 
@@ -526,9 +524,9 @@ async def test_scripted_400_and_401(api: Api) -> None:
     seg = await api.segment()
     script = [{"status": 400, "code": "some-code"}, {"status": 401}]
     await api.control("POST", "faults", {"script": script})
-    status, body, _ = await api.rm_amend(seg, [sha(1)])
+    status, body, _ = await api.rm_amend(seg, [user_hash(1)])
     assert status == 400 and body["errors"][0]["code"] == "some-code"
-    status, body, _ = await api.rm_amend(seg, [sha(1)])
+    status, body, _ = await api.rm_amend(seg, [user_hash(1)])
     assert status == 401 and body["errors"][0]["code"] == "authorization-token-expired"
     assert await api.members(seg) == []
 
@@ -538,15 +536,15 @@ async def test_scripted_drop(api: Api, when: str, applied: bool) -> None:
     seg = await api.segment()
     await api.control("POST", "faults", {"script": [{"drop": when}]})
     with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        await api.rm_amend(seg, [sha(1)], headers={"Idempotency-Key": "k-1"})
-    assert (await api.members(seg) == [sha(1)]) is applied
+        await api.rm_amend(seg, [user_hash(1)], headers={"Idempotency-Key": "k-1"})
+    assert (await api.members(seg) == [user_hash(1)]) is applied
     stats = await api.control("GET", "stats")
     (entry,) = stats["log"]
     assert entry["status"] == 0 and entry["applied"] is applied
     assert entry["fault"] == f"drop_{when}" and entry["idempotency_key"] == "k-1"
     assert stats["requests"]["rm_add_remove"] == {"dropped": 1}
     # The next request on the same session goes through on a fresh connection.
-    assert (await api.rm_amend(seg, [sha(2)]))[0] == 200
+    assert (await api.rm_amend(seg, [user_hash(2)]))[0] == 200
 
 
 async def test_scripted_raw_answers_are_sent_as_given(api: Api) -> None:
@@ -562,7 +560,7 @@ async def test_scripted_raw_answers_are_sent_as_given(api: Api) -> None:
     auth = {"Authorization": f"Bearer {api.token}"}
     async with api.session.post(api.url + path, json={}, headers=auth) as resp:
         assert (resp.status, await resp.read()) == (502, html)
-    status, body, headers = await api.rm_amend(seg, [sha(1)])
+    status, body, headers = await api.rm_amend(seg, [user_hash(1)])
     assert (status, body, headers["X-A"]) == (200, {"errors": [{"code": "x"}]}, "1")
     assert await api.members(seg) == []  # a raw answer applies nothing
     for bad in ({"status": 200}, {"status": 200, "body": 1}, {"body": "x"}):
@@ -574,7 +572,7 @@ async def test_scripted_upload_drop_cuts_the_body_off(api: Api) -> None:
     seg = await api.segment()
     await api.control("POST", "faults", {"script": [{"drop": "upload"}]})
     with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        await api.rm_amend(seg, [sha(n) for n in range(20_000)])
+        await api.rm_amend(seg, [user_hash(n) for n in range(20_000)])
     stats = await api.control("GET", "stats")
     assert [e["fault"] for e in stats["log"]] == ["drop_upload"]
     assert stats["identifiers_received"] == 0 and await api.members(seg) == []
@@ -584,16 +582,16 @@ async def test_scripted_stall_still_applies(api: Api) -> None:
     seg = await api.segment()
     await api.control("POST", "faults", {"script": [{"stall_s": 1.0}]})
     with pytest.raises(TimeoutError):
-        await api.rm_amend(seg, [sha(1)], timeout=aiohttp.ClientTimeout(total=0.3))
-    assert await api.members(seg) == [sha(1)]
+        await api.rm_amend(seg, [user_hash(1)], timeout=aiohttp.ClientTimeout(total=0.3))
+    assert await api.members(seg) == [user_hash(1)]
 
 
 async def test_fault_bound_to_a_segment_waits_for_it(api: Api) -> None:
     one, two = await api.segment(), await api.segment()
     await api.control("POST", "faults", {"script": [{"status": 503, "segment_id": two}]})
-    assert (await api.rm_amend(one, [sha(1)]))[0] == 200
-    assert (await api.rm_amend(two, [sha(1)]))[0] == 503
-    assert (await api.rm_amend(two, [sha(1)]))[0] == 200
+    assert (await api.rm_amend(one, [user_hash(1)]))[0] == 200
+    assert (await api.rm_amend(two, [user_hash(1)]))[0] == 503
+    assert (await api.rm_amend(two, [user_hash(1)]))[0] == 200
 
 
 async def test_bad_fault_settings_change_nothing(api: Api) -> None:
@@ -623,7 +621,7 @@ async def test_random_faults_follow_the_seed() -> None:
     for _ in range(2):
         async with running(config) as api:
             seg = await api.segment()
-            answers = [await api.rm_amend(seg, [sha(n)]) for n in range(30)]
+            answers = [await api.rm_amend(seg, [user_hash(n)]) for n in range(30)]
             statuses = [status for status, _, _ in answers]
             outcomes.append(statuses)
             assert set(statuses) == {200, 429, 503}
@@ -635,8 +633,8 @@ async def test_random_drops_apply_first() -> None:
     async with running(SandboxConfig(fault_rate_drop=1.0)) as api:
         seg = await api.segment()
         with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-            await api.rm_amend(seg, [sha(1)])
-        assert await api.members(seg) == [sha(1)]
+            await api.rm_amend(seg, [user_hash(1)])
+        assert await api.members(seg) == [user_hash(1)]
 
 
 # --- rate limit, concurrency, bookkeeping -----------------------------------------------------
@@ -647,18 +645,18 @@ async def test_rate_limit_headers_and_429_over_budget() -> None:
         seg = await api.segment()
         remaining = []
         for n in range(3):
-            status, _, headers = await api.rm_amend(seg, [sha(n)])
+            status, _, headers = await api.rm_amend(seg, [user_hash(n)])
             assert status == 200 and headers["x-ratelimit-limit"] == "3"
             remaining.append(headers["x-ratelimit-remaining"])
             assert int(headers["x-ratelimit-reset"]) - time.time() <= 61
         assert remaining == ["2", "1", "0"]
-        status, body, headers = await api.rm_amend(seg, [sha(9)])
+        status, body, headers = await api.rm_amend(seg, [user_hash(9)])
         assert status == 429 and body["errors"][0]["type"] == "quota"
         assert 1 <= int(headers["Retry-After"]) <= 60 and headers["x-ratelimit-remaining"] == "0"
-        assert sha(9) not in await api.members(seg)
+        assert user_hash(9) not in await api.members(seg)
         # Lifting the budget at run time takes effect at once.
         await api.control("POST", "faults", {"rate_limit_per_minute": None})
-        status, _, headers = await api.rm_amend(seg, [sha(9)])
+        status, _, headers = await api.rm_amend(seg, [user_hash(9)])
         assert status == 200 and "x-ratelimit-limit" not in headers
 
 
@@ -666,7 +664,7 @@ async def test_max_in_flight_counts_concurrent_amendments() -> None:
     async with running(SandboxConfig(latency_ms=200)) as api:
         seg = await api.segment()
         started = time.perf_counter()
-        results = await asyncio.gather(*(api.rm_amend(seg, [sha(n)]) for n in range(5)))
+        results = await asyncio.gather(*(api.rm_amend(seg, [user_hash(n)]) for n in range(5)))
         assert [r[0] for r in results] == [200] * 5
         assert time.perf_counter() - started < 0.6  # the latency does not block the loop
         stats = await api.control("GET", "stats")
@@ -677,8 +675,8 @@ async def test_max_in_flight_counts_concurrent_amendments() -> None:
 
 async def test_stats_log_and_reset(api: Api) -> None:
     seg = await api.segment()
-    await api.rm_amend(seg, [sha(1), "bad"], headers={"Idempotency-Key": "abc"})
-    await api.rm_amend(seg, [sha(2)], op="remove")
+    await api.rm_amend(seg, [user_hash(1), "bad"], headers={"Idempotency-Key": "abc"})
+    await api.rm_amend(seg, [user_hash(2)], op="remove")
     log = (await api.control("GET", "stats"))["log"]
     assert [(e["operation"], e["count"], e["status"], e["applied"]) for e in log] == [
         ("add", 2, 200, True),
@@ -694,7 +692,7 @@ async def test_stats_log_and_reset(api: Api) -> None:
     assert (await api.control("GET", "faults"))["script"] == []
     async with api.session.get(f"{api.url}/_sandbox/segments/{seg}") as resp:
         assert resp.status == 404
-    assert (await api.rm_amend(await api.segment(), [sha(1)]))[0] == 200  # the token survived
+    assert (await api.rm_amend(await api.segment(), [user_hash(1)]))[0] == 200  # the token survived
 
 
 async def test_state_is_reachable_from_the_app() -> None:
@@ -704,8 +702,8 @@ async def test_state_is_reachable_from_the_app() -> None:
     assert state.segments[segment.id] is segment
     async with running(SandboxConfig()) as api:
         seg = await api.segment()
-        await api.rm_amend(seg, [sha(1)])
-        assert api.sandbox.state.segments[seg].members == {sha(1)}
+        await api.rm_amend(seg, [user_hash(1)])
+        assert api.sandbox.state.segments[seg].members == {user_hash(1)}
         assert api.sandbox.app[SANDBOX_STATE] is api.sandbox.state
 
 
@@ -792,7 +790,9 @@ def _drive_official_sdk(url: str, segment_id: str) -> dict[str, Any]:
     body = request.RetailMediaContactlistAmendmentRequest(
         data=amendment.RetailMediaContactlistAmendment(
             attributes=attributes.RetailMediaContactlistAmendmentAttributes(
-                operation="add", identifier_type="Email", identifiers=[sha(1), sha(2), "bad"]
+                operation="add",
+                identifier_type="Email",
+                identifiers=[user_hash(1), user_hash(2), "bad"],
             )
         )
     )
@@ -865,7 +865,7 @@ def _drive_official_ms_sdk(url: str, segment_id: str) -> dict[str, Any]:
         data=amendment.ContactlistAmendment(
             type="ContactlistAmendment",
             attributes=attributes.ContactlistAmendmentAttributes(
-                operation="add", identifier_type="email", identifiers=[sha(1), "bad"]
+                operation="add", identifier_type="email", identifiers=[user_hash(1), "bad"]
             ),
         )
     )
