@@ -21,7 +21,7 @@ import asyncpg
 from syncd import links, report, status
 from syncd.config import Settings
 from syncd.db import load_queries, migrations
-from syncd.sandbox import SandboxConfig, start_sandbox
+from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from syncd.sync import sync_once
 
 LINKS = [
@@ -51,7 +51,6 @@ def run_demo(changes: int) -> int:
 
 
 async def _demo(database_url: str, changes: int) -> int:
-    say = print
     async with await start_sandbox(SandboxConfig(latency_ms=100, seed=7)) as sandbox:
         settings = Settings.from_env(
             {
@@ -62,62 +61,58 @@ async def _demo(database_url: str, changes: int) -> int:
                 "SYNCD_LOG_LEVEL": "warning",
             }
         )
-        say(f"PostgreSQL (embedded) ready; Criteo sandbox on {sandbox.url}")
+        print(f"PostgreSQL (embedded) ready; Criteo sandbox on {sandbox.url}")
         conn = await asyncpg.connect(database_url)
         try:
-            await migrations.migrate(conn)
-            for key, api, criteo_id, kind, _ in LINKS:
-                sandbox.state.add_segment(api, "42", kind, segment_id=criteo_id)
-                await links.link(
-                    conn,
-                    links.Link(key, criteo_id, kind, api=api, account_id="42"),
-                )
-            say(report.links_table(await links.list_links(conn)))
-            started = time.monotonic()
-            await conn.execute(load_queries()["demo_history"], changes)
-            say(
-                f"\nwrote {changes:,} CRM membership changes in "
-                f"{time.monotonic() - started:.1f} s (5% for the unlinked key {UNLINKED_KEY!r})"
-            )
+            await _prepare(conn, sandbox, changes)
         finally:
             await conn.close()
 
         started = time.monotonic()
         summary = await sync_once(settings, trigger="demo")
-        elapsed = time.monotonic() - started
-        say(f"\nsyncd sync finished in {elapsed:.1f} s\n")
-        say(report.run_summary(summary))
+        print(f"\nsyncd sync finished in {time.monotonic() - started:.1f} s\n")
+        print(report.run_summary(summary))
 
         conn = await asyncpg.connect(database_url)
         try:
-            say("\nread back from syncd.push_audit (Criteo's own counts):")
-            rows: list[Any] = await conn.fetch(load_queries()["demo_audit"])
-            say(
-                report.table(
-                    ["segment", "api", "criteo id", "op", "requests", "sent", "valid", "invalid"],
-                    [
-                        [
-                            r["segment_key"],
-                            r["api"],
-                            r["criteo_segment_id"],
-                            r["operation"],
-                            r["requests"],
-                            r["sent"],
-                            r["valid"],
-                            r["invalid"],
-                        ]
-                        for r in rows
-                    ],
-                )
-            )
-            say("\nsegment sizes at the sandbox:")
-            say(
-                report.table(
-                    ["criteo id", "members"],
-                    [[s.id, len(s.members)] for s in sandbox.state.segments.values()],
-                )
-            )
-            say("\n" + report.status_text(await status.read(conn, runs=1)))
+            await _read_back(conn, sandbox)
         finally:
             await conn.close()
         return summary.exit_code
+
+
+async def _prepare(conn: Any, sandbox: RunningSandbox, changes: int) -> None:
+    """Migrate, create and link the demo segments, write the CRM's change history."""
+    await migrations.migrate(conn)
+    for key, api, criteo_id, kind, _ in LINKS:
+        sandbox.state.add_segment(api, "42", kind, segment_id=criteo_id)
+        await links.link(conn, links.Link(key, criteo_id, kind, api=api, account_id="42"))
+    print(report.links_table(await links.list_links(conn)))
+    started = time.monotonic()
+    await conn.execute(load_queries()["demo_history"], changes)
+    print(
+        f"\nwrote {changes:,} CRM membership changes in "
+        f"{time.monotonic() - started:.1f} s (5% for the unlinked key {UNLINKED_KEY!r})"
+    )
+
+
+async def _read_back(conn: Any, sandbox: RunningSandbox) -> None:
+    """What the audit says Criteo accepted, the sandbox's segment sizes, and status."""
+    print("\nread back from syncd.push_audit (Criteo's own counts):")
+    columns = ["segment_key", "api", "criteo_segment_id", "operation"]
+    columns += ["requests", "sent", "valid", "invalid"]
+    rows: list[Any] = await conn.fetch(load_queries()["demo_audit"])
+    print(
+        report.table(
+            ["segment", "api", "criteo id", "op", "requests", "sent", "valid", "invalid"],
+            [[r[c] for c in columns] for r in rows],
+        )
+    )
+    print("\nsegment sizes at the sandbox:")
+    print(
+        report.table(
+            ["criteo id", "members"],
+            [[s.id, len(s.members)] for s in sandbox.state.segments.values()],
+        )
+    )
+    print("\n" + report.status_text(await status.read(conn, runs=1)))
