@@ -283,11 +283,37 @@ async def _finish(
     run: SyncRun | None,
     started: float,
 ) -> RunSummary:
-    summary = RunSummary(run_id=run_id, status=status, error=error)
+    """Total the run from its plans and audit rows, record it, log run_finished."""
+    summary = await _tally(conn, RunSummary(run_id=run_id, status=status, error=error), run)
+    if summary.status == "succeeded" and summary.exit_code:
+        summary.status = "failed"
+    summary.made_window = await conn.fetchval(
+        query("finish_run"),
+        run_id,
+        summary.status,
+        summary.changes_consumed,
+        summary.identifiers_rejected,
+        summary.chunks_planned,
+        summary.chunks_acknowledged,
+        summary.chunks_failed,
+        summary.chunks_left,
+        summary.requests,
+        summary.identifiers_sent,
+        summary.nb_valid,
+        summary.nb_invalid,
+        summary.error,
+    )
+    _log_finished(summary, run, started)
+    return summary
+
+
+async def _tally(conn: Any, summary: RunSummary, run: SyncRun | None) -> RunSummary:
+    """The run's totals: its plans (in memory) and what the database says was sent."""
     plans = run.plans if run else []
     summary.changes_consumed = sum(p.changes_consumed for p in plans)
     summary.identifiers_rejected = sum(p.rejected for p in plans)
     summary.chunks_planned = sum(p.chunks for p in plans)
+    run_id = summary.run_id
     summary.segments = [dict(r) for r in await conn.fetch(query("run_segment_report"), run_id)]
     summary.rejected = [dict(r) for r in await conn.fetch(query("run_rejected_report"), run_id)]
     for seg in summary.segments:
@@ -301,34 +327,20 @@ async def _finish(
     summary.waiting_unlinked = [dict(r) for r in await conn.fetch(query("waiting_unlinked"))]
     failures = run.plan_failures if run else []
     summary.plans_failed = len(failures)
-    if failures and error is None:
+    if failures and summary.error is None:
         keys = ", ".join(sorted(f.segment_key for f in failures))
-        error = summary.error = (
+        summary.error = (
             f"the plan of {len(failures)} segment(s) failed ({keys}); their changes stay "
             "in the inbox for the next run (see plan_failed in the log)"
         )
-    if status == "succeeded" and summary.exit_code:
-        summary.status = status = "failed"
-    made = await conn.fetchval(
-        query("finish_run"),
-        run_id,
-        status,
-        summary.changes_consumed,
-        summary.identifiers_rejected,
-        summary.chunks_planned,
-        summary.chunks_acknowledged,
-        summary.chunks_failed,
-        summary.chunks_left,
-        summary.requests,
-        summary.identifiers_sent,
-        summary.nb_valid,
-        summary.nb_invalid,
-        error,
-    )
-    summary.made_window = made
+    return summary
+
+
+def _log_finished(summary: RunSummary, run: SyncRun | None, started: float) -> None:
+    """The run's one canonical line: every total, its duration and its error."""
     log.info(
         "run_finished",
-        status=status,
+        status=summary.status,
         changes=summary.changes_consumed,
         rejected=summary.identifiers_rejected,
         chunks_planned=summary.chunks_planned,
@@ -339,10 +351,9 @@ async def _finish(
         identifiers_sent=summary.identifiers_sent,
         nb_valid=summary.nb_valid,
         nb_invalid=summary.nb_invalid,
-        made_window=made,
+        made_window=summary.made_window,
         changes_waiting_unlinked=sum(r["changes"] for r in summary.waiting_unlinked),
         duration_s=round(time.monotonic() - started, 3),
         planning_s=None if run is None or run.planning_s is None else round(run.planning_s, 3),
-        error=error,
+        error=summary.error,
     )
-    return summary
