@@ -134,10 +134,11 @@ class CriteoClient:
             "client_secret": s.criteo_client_secret.reveal(),
         }
         try:
-            async with self._session.post(s.token_url, data=form) as resp:
-                status = resp.status
-                retry_after = retry_after_s(resp.headers)
-                body = await read_json(resp)
+            with REQUEST_SECONDS.labels(self.app).time():
+                async with self._session.post(s.token_url, data=form) as resp:
+                    status = resp.status
+                    retry_after = retry_after_s(resp.headers)
+                    body = await read_json(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryableError(
                 f"token request failed: {type(exc).__name__}", code=_exc_code(exc)

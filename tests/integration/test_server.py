@@ -175,8 +175,8 @@ async def test_metrics_after_a_real_sync(
     assert delta("syncd_identifiers_sent_total", sent, segment="s0", operation="add") == 150
     assert delta("syncd_identifiers_valid_total", valid, segment="s1") == 150
     assert delta("syncd_identifiers_invalid_total", invalid, segment="s1") == 0
-    # Four acknowledged requests and the one answered 503, each timed.
-    assert delta("syncd_request_duration_seconds_count", requests, app="default") == 5
+    # The token request, four acknowledged requests and the one answered 503, each timed.
+    assert delta("syncd_request_duration_seconds_count", requests, app="default") == 6
     assert delta("syncd_request_retries_total", retries, app="default", reason="server_error") == 1
     assert got[("syncd_api_sunset_timestamp_seconds", (("version", "2026-01"),))] == 1801008000
     assert got[("syncd_chunks_pending", ())] == 1
