@@ -24,7 +24,8 @@ from syncd.db.migrations import pending_migrations
 # One probe of the database (connect, migrations, gauges) takes at most this long: well
 # below the few seconds Kubernetes gives a probe by default (timeoutSeconds: 1 to 5).
 PROBE_TIMEOUT_S = 3.0
-# Closing waits this long for answers still being written, then drops them.
+# Closing takes at most this long: answers still being written are dropped after it (a
+# scrape in flight at shutdown is expendable; the shutdown grace is for pushes).
 CLOSE_TIMEOUT_S = 2.0
 
 _POOL: web.AppKey[Any] = web.AppKey("pool")
@@ -99,13 +100,16 @@ async def http_server(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_S)
+    # aiohttp waits up to shutdown_timeout twice (for handlers to end, then once they are
+    # cancelled): half the bound each.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_S / 2)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
         yield int(runner.addresses[0][1])
     finally:
-        # Bounded: a scrape stuck on the database must not hold the shutdown.
+        # Bounded even if aiohttp's own bound changes: a scrape stuck on the database must
+        # not hold the shutdown.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runner.cleanup(), CLOSE_TIMEOUT_S + PROBE_TIMEOUT_S)
+            await asyncio.wait_for(runner.cleanup(), CLOSE_TIMEOUT_S + 0.5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -223,3 +224,35 @@ async def test_outcomes_and_fault_retries_are_counted_by_kind(
         r: value("syncd_request_retries_total", app="default", reason=r) - retried[r]
         for r in reasons
     } == {"connection": 1, "timeout": 1, "server_error": 2}
+
+
+async def test_closing_is_bounded_with_a_scrape_stuck_on_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+    connected = asyncio.Event()
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        connected.set()
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = mute.sockets[0].getsockname()[1]
+    monkeypatch.setattr(server, "PROBE_TIMEOUT_S", 120.0)  # only the close can end it
+    pool = await asyncpg.create_pool(f"postgresql://u@127.0.0.1:{port}/x", min_size=0)
+    scrape: asyncio.Task[Any] | None = None
+    try:
+        async with serving(pool) as base:
+            scrape = asyncio.create_task(get(f"{base}/metrics"))
+            await asyncio.wait_for(connected.wait(), 10)  # the probe is stuck in the database
+            closing = time.monotonic()
+        assert time.monotonic() - closing < server.CLOSE_TIMEOUT_S + 1
+    finally:
+        if scrape is not None:
+            scrape.cancel()
+            await asyncio.gather(scrape, return_exceptions=True)
+        pool.terminate()
+        for writer in held:
+            writer.close()
+        mute.close()
+        await mute.wait_closed()
