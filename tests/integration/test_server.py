@@ -23,7 +23,7 @@ from syncd.daemon.server import http_server
 from syncd.db import close_pool, create_pool
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
-from tests.integration.test_push import faults, setup_segments, with_env
+from tests.integration.test_push import faults, pushing, setup_segments, with_env
 
 
 @asynccontextmanager
@@ -256,3 +256,20 @@ async def test_closing_is_bounded_with_a_scrape_stuck_on_the_database(
             writer.close()
         mute.close()
         await mute.wait_closed()
+
+
+async def test_a_chunk_taken_over_counts_as_lease_lost(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=3)
+    before = value("syncd_chunks_pushed_total", app="default", outcome="lease_lost")
+    async with pushing(conn, with_env(env)) as p:
+        chunk = await p.pusher.claim()
+        assert chunk is not None
+        # Another run took the chunk over before this one sent it.
+        await conn.execute(
+            "UPDATE syncd.chunks SET owner_run_id = $2 WHERE id = $1", chunk.id, p.run_ids[1]
+        )
+        assert await p.pusher.push(chunk) == "lease_lost"
+    after = value("syncd_chunks_pushed_total", app="default", outcome="lease_lost")
+    assert after - before == 1

@@ -16,7 +16,7 @@ LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 # structlog and the standard library log `exception()` at error level, with a traceback.
 LEVEL_SHOWN = {"exception": "error"}
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-LOGGER_NAMES = {"log", "logger"}
+LOGGER_BINDERS = {"bind", "new"}
 LOGGER_FACTORIES = ("get_logger", "getLogger")
 
 
@@ -28,13 +28,17 @@ class Logged:
 
 
 def _is_logger(node: ast.expr) -> bool:
-    """`log`, `logger`, or a logger fetched in place (`logging.getLogger("syncd")`)."""
-    if isinstance(node, ast.Name):
-        return node.id in LOGGER_NAMES
+    """`log`, `logger`, `self._log`, `logging`, a logger fetched in place
+    (`logging.getLogger("syncd")`) or bound (`log.bind(chunk_id=1)`)."""
+    if isinstance(node, ast.Name | ast.Attribute):
+        name = node.id if isinstance(node, ast.Name) else node.attr
+        return "log" in name.lower()
     if isinstance(node, ast.Call):
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        return name in LOGGER_FACTORIES
+        if name in LOGGER_FACTORIES:
+            return True
+        return name in LOGGER_BINDERS and isinstance(func, ast.Attribute) and _is_logger(func.value)
     return False
 
 
