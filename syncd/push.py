@@ -436,10 +436,10 @@ RetryReason = Literal["server_error", "timeout", "connection", "other"]
 
 def _retry_reason(error: RetryableError) -> RetryReason:
     """The `reason` label of a fault retry: a few fixed words, never Criteo's text."""
-    if error.status == 408 or error.code == "timeout":
+    if error.status is None and error.code in ("timeout", "connection"):
+        return "timeout" if error.code == "timeout" else "connection"  # no answer at all
+    if error.status == 408:
         return "timeout"
-    if error.code == "connection":
-        return "connection"
     if error.status is not None and error.status >= 500:
         return "server_error"
     return "other"  # an unreadable token answer, say
