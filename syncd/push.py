@@ -24,6 +24,13 @@ from typing import Any, Literal
 
 from syncd.config import Settings
 from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amend, amendment_body
+from syncd.daemon.metrics import (
+    CHUNKS_PUSHED,
+    IDENTIFIERS_INVALID,
+    IDENTIFIERS_SENT,
+    IDENTIFIERS_VALID,
+    REQUEST_RETRIES,
+)
 from syncd.db import query
 from syncd.errors import (
     CriteoError,
@@ -228,6 +235,8 @@ class Pusher:
             )
             return await self._finish(chunk, "failed", p, result, error)
         outcome = await self._finish(chunk, "acknowledged", p, result)
+        if outcome == "acknowledged":
+            _count_acknowledged(chunk, result)
         log.info(
             "chunk_pushed",
             chunk_id=chunk.id,
@@ -295,6 +304,8 @@ class Pusher:
         if attempts >= s.max_attempts:
             return None
         if wait_s <= s.retry_max_wait_s:  # longer: deferred (logged as not acknowledged)
+            if error.status != 429:  # a 429 is counted as rate limited, not as a fault
+                REQUEST_RETRIES.labels(self._client.app, _retry_reason(error)).inc()
             log.info(
                 "chunk_retry",
                 chunk_id=chunk.id,
@@ -366,6 +377,7 @@ class Pusher:
             )
         if audit_id is None:
             return await self._lease_lost(chunk, p, result)
+        CHUNKS_PUSHED.labels(self._client.app, outcome).inc()
         if outcome != "acknowledged":
             log.warning(
                 "chunk_not_acknowledged",
@@ -396,6 +408,7 @@ class Pusher:
             )
         if audit_id is None:
             return await self._lease_lost(chunk, p, None)
+        CHUNKS_PUSHED.labels(self._client.app, "split").inc()
         log.warning(
             "chunk_split", chunk_id=chunk.id, segment_key=chunk.segment_key, status=error.status
         )
@@ -413,5 +426,27 @@ class Pusher:
                 p.attempts,
                 p.started,
             )
+        CHUNKS_PUSHED.labels(self._client.app, "lease_lost").inc()
         log.warning("chunk_lease_lost", chunk_id=chunk.id, segment_key=chunk.segment_key)
         return "lease_lost"
+
+
+RetryReason = Literal["server_error", "timeout", "connection", "other"]
+
+
+def _retry_reason(error: RetryableError) -> RetryReason:
+    """The `reason` label of a fault retry: a few fixed words, never Criteo's text."""
+    if error.status is None and error.code in ("timeout", "connection"):
+        return "timeout" if error.code == "timeout" else "connection"  # no answer at all
+    if error.status == 408:
+        return "timeout"
+    if error.status is not None and error.status >= 500:
+        return "server_error"
+    return "other"  # an unreadable token answer, say
+
+
+def _count_acknowledged(chunk: Chunk, result: AmendmentResult) -> None:
+    """Identifiers sent and Criteo's counts, by segment KEY (never an identifier)."""
+    IDENTIFIERS_SENT.labels(chunk.segment_key, chunk.operation).inc(chunk.identifier_count)
+    IDENTIFIERS_VALID.labels(chunk.segment_key).inc(result.nb_valid or 0)
+    IDENTIFIERS_INVALID.labels(chunk.segment_key).inc(result.nb_invalid or 0)

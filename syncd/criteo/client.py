@@ -29,6 +29,7 @@ import aiohttp
 from syncd import __version__
 from syncd.config import Settings
 from syncd.criteo.pacing import Cooldown, Pacer
+from syncd.daemon.metrics import API_SUNSET, REQUEST_SECONDS
 from syncd.errors import (
     PayloadTooLarge,
     PermanentError,
@@ -68,6 +69,9 @@ class Answer:
 
 class CriteoClient:
     """One aiohttp session for the whole process; tokens cached and shared."""
+
+    # The Criteo app this client speaks for: the `app` label of its metrics.
+    app: str = "default"
 
     def __init__(
         self,
@@ -130,10 +134,11 @@ class CriteoClient:
             "client_secret": s.criteo_client_secret.reveal(),
         }
         try:
-            async with self._session.post(s.token_url, data=form) as resp:
-                status = resp.status
-                retry_after = retry_after_s(resp.headers)
-                body = await read_json(resp)
+            with REQUEST_SECONDS.labels(self.app).time():
+                async with self._session.post(s.token_url, data=form) as resp:
+                    status = resp.status
+                    retry_after = retry_after_s(resp.headers)
+                    body = await read_json(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryableError(
                 f"token request failed: {type(exc).__name__}", code=_exc_code(exc)
@@ -229,12 +234,14 @@ class CriteoClient:
             # The same key on every attempt of a chunk: a retry is recognisable as one.
             headers["Idempotency-Key"] = idempotency_key
         try:
-            async with self._session.request(
-                method, self.url(path), data=body(), headers=headers
-            ) as resp:
-                status = resp.status
-                resp_headers = resp.headers
-                payload = await read_json(resp)
+            # Timed answer or fault: a slow failure is latency an operator must see.
+            with REQUEST_SECONDS.labels(self.app).time():
+                async with self._session.request(
+                    method, self.url(path), data=body(), headers=headers
+                ) as resp:
+                    status = resp.status
+                    resp_headers = resp.headers
+                    payload = await read_json(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RetryableError(
                 f"request failed: {type(exc).__name__}", code=_exc_code(exc)
@@ -264,6 +271,9 @@ class CriteoClient:
         raise PermanentError(message, status=status, code=code, body=payload)
 
     def _check_deprecation(self, headers: Any) -> None:
+        sunset = _http_date(headers.get("Sunset") or "")
+        if sunset is not None:  # on every answer: the gauge follows what Criteo says now
+            API_SUNSET.labels(self._settings.criteo_api_version).set(sunset)
         if self._deprecation_logged or "Deprecation" not in headers:
             return
         self._deprecation_logged = True
