@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     un = seg_sub.add_parser("unlink", help="remove a link")
     un.add_argument("key")
     un.add_argument("--force", action="store_true", help="also drop chunks not yet sent")
+    _segment_lifecycle_parsers(seg_sub)
 
     sb = sub.add_parser("sandbox", help="serve a Criteo-compatible API on loopback")
     sb.add_argument("--host", default="127.0.0.1")
@@ -85,6 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
     dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
     return p
+
+
+# The segment commands that call Criteo (they need CRITEO_CLIENT_ID/SECRET).
+REMOTE_SEGMENT_COMMANDS = ("create", "search", "rename", "delete", "stats")
+
+
+def _segment_lifecycle_parsers(seg_sub: Any) -> None:
+    cr = seg_sub.add_parser("create", help="create a contact-list segment on Criteo and link it")
+    cr.add_argument("key", help="the CRM's segment_key to link to the new segment")
+    cr.add_argument("--name", required=True, help="the segment's name (unique per account)")
+    cr.add_argument("--description")
+    cr.add_argument("--identifier-type", required=True, help="email, phoneNumber, madid, ...")
+    owner = cr.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--account-id", help="Retail Media account (with --retailer-id)")
+    owner.add_argument("--advertiser-id", help="Marketing Solutions advertiser")
+    cr.add_argument("--retailer-id", help="Retail Media retailer (with --account-id)")
+    cr.add_argument("--send-as", default="sha256", help="sha256 (default) or plain")
+    se = seg_sub.add_parser("search", help="list the contact-list segments Criteo holds")
+    where = se.add_mutually_exclusive_group(required=True)
+    where.add_argument("--account-id", help="a Retail Media account")
+    where.add_argument("--advertiser-id", help="a Marketing Solutions advertiser")
+    se.add_argument("--name", help="only segments whose name holds this text")
+    rn = seg_sub.add_parser("rename", help="rename the linked segment on Criteo")
+    rn.add_argument("key")
+    rn.add_argument("--name", required=True)
+    rn.add_argument("--description")
+    de = seg_sub.add_parser("delete", help="delete the linked segment on Criteo, then unlink")
+    de.add_argument("key")
+    de.add_argument("--force", action="store_true", help="also drop chunks not yet sent")
+    sa = seg_sub.add_parser("stats", help="read Criteo's contact-list statistics")
+    sa.add_argument("key", nargs="?", help="one linked key (default: every link)")
 
 
 def _ascii_int(text: str) -> int:
@@ -152,10 +184,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.changes)
 
-    settings = Settings.from_env(need_criteo=args.command == "sync")
+    remote = getattr(args, "segments_command", None) in REMOTE_SEGMENT_COMMANDS
+    settings = Settings.from_env(need_criteo=args.command == "sync" or remote)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "sync":
         return run_until_signalled(lambda stop: _sync(settings, stop))
+    if remote:
+        from syncd.segments_cli import run_segment_command
+
+        return asyncio.run(run_segment_command(settings, args))
     return asyncio.run(_with_connection(settings, args))
 
 

@@ -246,3 +246,35 @@ def _waiting(s: Status) -> list[str]:
             )
         )
     return parts
+
+
+def search_table(found: Sequence[Any], linked: dict[str, str]) -> str:
+    """Segments Criteo holds; `linked` maps a segment id to the key syncd links to it."""
+    if not found:
+        return "no contact-list segments found"
+    rows = [
+        [
+            s.id,
+            s.name,
+            s.identifier_type or "any",
+            "yes" if s.read_only else "no",
+            linked.get(s.id, ""),
+        ]
+        for s in found
+    ]
+    return table(["id", "name", "identifier type", "read-only", "linked key"], rows)
+
+
+def statistics_table(readings: Sequence[Any]) -> str:
+    if not readings:
+        return "no linked segments"
+    rows = []
+    for r in readings:
+        s = r.statistics
+        if s is None:
+            rows.append([r.segment_key, r.api, r.criteo_segment_id, "not supported", "", ""])
+            continue
+        rate = "" if s.match_rate is None else f"{s.match_rate:.1%}"
+        rows.append([r.segment_key, r.api, r.criteo_segment_id, s.identifiers, s.matches, rate])
+    headers = ["key", "api", "criteo id", "identifiers", "matches", "match rate"]
+    return table(headers, rows)

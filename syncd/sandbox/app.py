@@ -39,6 +39,7 @@ from syncd.sandbox.contract import (
 from syncd.sandbox.control import control_routes
 from syncd.sandbox.errors import error_response, problem
 from syncd.sandbox.faults import DroppedResponse, cut_upload, with_faults
+from syncd.sandbox.management import delete_answer, update_answer
 from syncd.sandbox.state import SANDBOX_STATE, SandboxState, Segment
 
 log = structlog.get_logger(__name__)
@@ -178,6 +179,22 @@ async def _create(request: web.Request, api: str) -> web.Response:
     return create_answer(state, api, request.match_info.get("account_id"), body)
 
 
+async def _update(request: web.Request, api: str) -> web.Response:
+    body, bad_json = await json_body(request)
+    if bad_json is not None:
+        return bad_json
+    account = request.match_info.get("account_id")
+    return update_answer(request.app[SANDBOX_STATE], api, account, body)
+
+
+async def _delete(request: web.Request, api: str) -> web.Response:
+    body, bad_json = await json_body(request)
+    if bad_json is not None:
+        return bad_json
+    account = request.match_info.get("account_id")
+    return delete_answer(request.app[SANDBOX_STATE], api, account, body)
+
+
 async def _search(request: web.Request, api: str) -> web.Response:
     state = request.app[SANDBOX_STATE]
     page = paging(request.query, api)
@@ -260,11 +277,15 @@ _ROUTES: tuple[tuple[str, str, Callable[..., Awaitable[web.StreamResponse]], str
     ("GET", _RM_ACCOUNT + "/{segment_id}/contact-list", _statistics, RETAIL_MEDIA, "rm_statistics"),
     ("POST", _RM_ACCOUNT + "/create", _create, RETAIL_MEDIA, "rm_create"),
     ("POST", _RM_ACCOUNT + "/search", _search, RETAIL_MEDIA, "rm_search"),
+    ("PATCH", _RM_ACCOUNT, _update, RETAIL_MEDIA, "rm_update"),
+    ("POST", _RM_ACCOUNT + "/delete", _delete, RETAIL_MEDIA, "rm_delete"),
     ("PATCH", _MS_LIST, _amend, MARKETING_SOLUTIONS, "ms_amend"),
     ("DELETE", _MS_LIST, _clear, MARKETING_SOLUTIONS, "ms_clear"),
     ("GET", _MS_LIST + "/statistics", _statistics, MARKETING_SOLUTIONS, "ms_statistics"),
     ("POST", _MS + "/audience-segments/create", _create, MARKETING_SOLUTIONS, "ms_create"),
     ("POST", _MS + "/audience-segments/search", _search, MARKETING_SOLUTIONS, "ms_search"),
+    ("PATCH", _MS + "/audience-segments", _update, MARKETING_SOLUTIONS, "ms_update"),
+    ("POST", _MS + "/audience-segments/delete", _delete, MARKETING_SOLUTIONS, "ms_delete"),
 )
 
 

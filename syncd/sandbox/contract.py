@@ -245,6 +245,9 @@ def cleared_answer(segment: Segment) -> web.Response:
 
 
 def statistics_answer(segment: Segment, keep_members: bool) -> web.Response:
+    if not segment.statistics_supported:
+        detail = f"no contact-list statistics for segment {segment.id}"
+        return validation_error("contact-list-statistics-not-supported", detail, "@id")
     size = segment.size(keep_members)
     attrs = {"numberOfIdentifiers": size, "numberOfMatches": round(size * 0.5), "matchRate": 0.5}
     data = {"id": segment.id, "type": "ContactlistStatistics", "attributes": attrs}
@@ -254,7 +257,7 @@ def statistics_answer(segment: Segment, keep_members: bool) -> web.Response:
 # --- segment management -------------------------------------------------------------------
 
 
-def _text(value: object) -> str | None:
+def text_value(value: object) -> str | None:
     # Marketing Solutions samples wrap descriptions as {"value": "..."}.
     if isinstance(value, dict):
         value = value.get("value")
@@ -303,7 +306,7 @@ def _create_one(
         account,
         identifier_type,
         name=name,
-        description=_text(attrs.get("description")),
+        description=text_value(attrs.get("description")),
         retailer_id=str(retailer) if isinstance(retailer, str | int) else None,
     )
 

@@ -55,6 +55,13 @@ class Segment:
     created_at: str
     members: set[str] = field(default_factory=set)
     counted: int = 0  # the size when members are not kept
+    updated_at: str = ""
+    # Created in Criteo's UI: the API may not edit it (contactList.isReadOnly).
+    read_only: bool = False
+    # Used by an audience: Criteo refuses to delete it (segment-must-not-be-used-in-audience).
+    in_use: bool = False
+    # Criteo computes no contact-list statistics for it (contact-list-statistics-not-supported).
+    statistics_supported: bool = True
 
     def size(self, keep_members: bool) -> int:
         return len(self.members) if keep_members else self.counted
@@ -65,7 +72,7 @@ class Segment:
             "description": self.description,
             "type": "ContactList",
             "createdAt": self.created_at,
-            "updatedAt": self.created_at,
+            "updatedAt": self.updated_at or self.created_at,
         }
         if self.api == RETAIL_MEDIA:
             attrs |= {
@@ -74,13 +81,14 @@ class Segment:
                 "createdById": None,
                 "channels": ["Offsite"],
                 "contactList": {
-                    "isReadOnly": False,
+                    "isReadOnly": self.read_only,
                     "identifierType": self.identifier_type,
                     "sharingStatus": "NotShared",
                 },
             }
         else:
-            attrs |= {"advertiserId": self.account_id, "contactList": {"isReadOnly": False}}
+            contact_list = {"isReadOnly": self.read_only}
+            attrs |= {"advertiserId": self.account_id, "contactList": contact_list}
         return {"id": self.id, "type": "AudienceSegment", "attributes": attrs}
 
 
@@ -197,7 +205,10 @@ class SandboxState:
         if segment_id is not None and segment_id in self.segments:
             raise KeyError(f"segment {segment_id} exists already")
         name, retailer = body.get("name"), body.get("retailer_id")
-        return self.add_segment(
+        flags = {key: body.get(key) for key in ("read_only", "in_use", "statistics_supported")}
+        if any(v is not None and not isinstance(v, bool) for v in flags.values()):
+            raise ValueError("read_only, in_use and statistics_supported must be true or false")
+        segment = self.add_segment(
             api,
             str(body.get("account_id") or "1000"),
             identifier_type,
@@ -205,6 +216,10 @@ class SandboxState:
             name=name if isinstance(name, str) else None,
             retailer_id=None if retailer is None else str(retailer),
         )
+        segment.read_only = bool(flags["read_only"])
+        segment.in_use = bool(flags["in_use"])
+        segment.statistics_supported = flags["statistics_supported"] is not False
+        return segment
 
     def next_shape(self) -> str:
         shape = self.config.response_shape
