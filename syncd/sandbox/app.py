@@ -27,7 +27,6 @@ from syncd.sandbox.contract import (
     amendment_answer,
     apply_amendment,
     cleared_answer,
-    create_answer,
     describe,
     json_body,
     paging,
@@ -39,7 +38,7 @@ from syncd.sandbox.contract import (
 from syncd.sandbox.control import control_routes
 from syncd.sandbox.errors import error_response, problem
 from syncd.sandbox.faults import DroppedResponse, cut_upload, with_faults
-from syncd.sandbox.management import delete_answer, update_answer
+from syncd.sandbox.management import create_answer, delete_answer, update_answer
 from syncd.sandbox.state import SANDBOX_STATE, SandboxState, Segment
 
 log = structlog.get_logger(__name__)
@@ -171,28 +170,16 @@ async def _statistics(request: web.Request, api: str) -> web.Response:
 # --- segment management -------------------------------------------------------------------
 
 
-async def _create(request: web.Request, api: str) -> web.Response:
-    state = request.app[SANDBOX_STATE]
-    body, bad_json = await json_body(request)
-    if bad_json is not None:
-        return bad_json
-    return create_answer(state, api, request.match_info.get("account_id"), body)
+BulkAnswer = Callable[[SandboxState, str, "str | None", Any], web.Response]
 
 
-async def _update(request: web.Request, api: str) -> web.Response:
+async def _bulk(request: web.Request, api: str, answer: BulkAnswer) -> web.Response:
+    """Create, update or delete: a JSON body, the path's account if any, one answer."""
     body, bad_json = await json_body(request)
     if bad_json is not None:
         return bad_json
     account = request.match_info.get("account_id")
-    return update_answer(request.app[SANDBOX_STATE], api, account, body)
-
-
-async def _delete(request: web.Request, api: str) -> web.Response:
-    body, bad_json = await json_body(request)
-    if bad_json is not None:
-        return bad_json
-    account = request.match_info.get("account_id")
-    return delete_answer(request.app[SANDBOX_STATE], api, account, body)
+    return answer(request.app[SANDBOX_STATE], api, account, body)
 
 
 async def _search(request: web.Request, api: str) -> web.Response:
@@ -270,22 +257,25 @@ _MS = "/{version}/marketing-solutions"
 _RM_ACCOUNT = _RM + "/accounts/{account_id}/audience-segments"
 _RM_LIST = _RM + "/audience-segments/{segment_id}/contact-list"
 _MS_LIST = _MS + "/audience-segments/{segment_id}/contact-list"
+_CREATE = functools.partial(_bulk, answer=create_answer)
+_UPDATE = functools.partial(_bulk, answer=update_answer)
+_DELETE = functools.partial(_bulk, answer=delete_answer)
 # (method, path, handler, api, endpoint name); the name keys /_sandbox/stats "requests".
 _ROUTES: tuple[tuple[str, str, Callable[..., Awaitable[web.StreamResponse]], str, str], ...] = (
     ("POST", _RM_LIST + "/add-remove", _amend, RETAIL_MEDIA, "rm_add_remove"),
     ("POST", _RM_LIST + "/clear", _clear, RETAIL_MEDIA, "rm_clear"),
     ("GET", _RM_ACCOUNT + "/{segment_id}/contact-list", _statistics, RETAIL_MEDIA, "rm_statistics"),
-    ("POST", _RM_ACCOUNT + "/create", _create, RETAIL_MEDIA, "rm_create"),
+    ("POST", _RM_ACCOUNT + "/create", _CREATE, RETAIL_MEDIA, "rm_create"),
     ("POST", _RM_ACCOUNT + "/search", _search, RETAIL_MEDIA, "rm_search"),
-    ("PATCH", _RM_ACCOUNT, _update, RETAIL_MEDIA, "rm_update"),
-    ("POST", _RM_ACCOUNT + "/delete", _delete, RETAIL_MEDIA, "rm_delete"),
+    ("PATCH", _RM_ACCOUNT, _UPDATE, RETAIL_MEDIA, "rm_update"),
+    ("POST", _RM_ACCOUNT + "/delete", _DELETE, RETAIL_MEDIA, "rm_delete"),
     ("PATCH", _MS_LIST, _amend, MARKETING_SOLUTIONS, "ms_amend"),
     ("DELETE", _MS_LIST, _clear, MARKETING_SOLUTIONS, "ms_clear"),
     ("GET", _MS_LIST + "/statistics", _statistics, MARKETING_SOLUTIONS, "ms_statistics"),
-    ("POST", _MS + "/audience-segments/create", _create, MARKETING_SOLUTIONS, "ms_create"),
+    ("POST", _MS + "/audience-segments/create", _CREATE, MARKETING_SOLUTIONS, "ms_create"),
     ("POST", _MS + "/audience-segments/search", _search, MARKETING_SOLUTIONS, "ms_search"),
-    ("PATCH", _MS + "/audience-segments", _update, MARKETING_SOLUTIONS, "ms_update"),
-    ("POST", _MS + "/audience-segments/delete", _delete, MARKETING_SOLUTIONS, "ms_delete"),
+    ("PATCH", _MS + "/audience-segments", _UPDATE, MARKETING_SOLUTIONS, "ms_update"),
+    ("POST", _MS + "/audience-segments/delete", _DELETE, MARKETING_SOLUTIONS, "ms_delete"),
 )
 
 

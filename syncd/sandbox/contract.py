@@ -2,7 +2,8 @@
 
 Amendment validation, which identifiers Criteo takes as valid for each type, applying
 an amendment to a segment's members, and the answer bodies of the amendment, clear,
-statistics, create and search calls, each in its API's documented shape. The handlers in
+statistics and search calls, each in its API's documented shape (create, update and
+delete: ``syncd.sandbox.management``). The handlers in
 ``syncd.sandbox.app`` do the plumbing around these: versions, auth, faults, the request log.
 
 These rules stand for Criteo's, so they must not share syncd's idea of what a valid
@@ -256,80 +257,7 @@ def statistics_answer(segment: Segment, keep_members: bool) -> web.Response:
     return web.json_response({"data": data, "errors": [], "warnings": []})
 
 
-# --- segment management -------------------------------------------------------------------
-
-
-def text_value(value: object) -> str | None:
-    # Marketing Solutions samples wrap descriptions as {"value": "..."}.
-    if isinstance(value, dict):
-        value = value.get("value")
-    return value if isinstance(value, str) else None
-
-
-def _create_one(
-    state: SandboxState, api: str, account: str | None, item: Any, n: int
-) -> Segment | dict[str, Any]:
-    """Create one segment, or say why not as a problem pointing at ``@data/n``."""
-    where = f"@data/{n}"
-    attrs = item.get("attributes") if isinstance(item, dict) else None
-    if not isinstance(attrs, dict):
-        return problem("validation", "required-field-missing", "attributes are required", where)
-    name = attrs.get("name")
-    if not isinstance(name, str) or not name.strip():
-        return problem("validation", "name-must-not-be-empty", "name must not be empty", where)
-    if len(name) > 255:
-        return problem("validation", "name-must-not-be-too-long", "name is too long", where)
-    contact_list = attrs.get("contactList")
-    if not isinstance(contact_list, dict):
-        detail = "only contact-list segments can be created through the API"
-        return problem("validation", "contact-list-required", detail, where)
-    identifier_type: str | None = None
-    if api == RETAIL_MEDIA:
-        raw = contact_list.get("identifierType")
-        identifier_type = RM_TYPES.get(raw.lower()) if isinstance(raw, str) else None
-        if identifier_type is None:
-            detail = f"contactList.identifierType must be one of {', '.join(RM_TYPES.values())}"
-            return problem("validation", "invalid-identifier-type", detail, where)
-    else:
-        advertiser = attrs.get("advertiserId")
-        account = str(advertiser) if isinstance(advertiser, str | int) else None
-        if not account:
-            detail = "advertiserId is required"
-            return problem("validation", "advertiser-id-required", detail, where)
-    assert account is not None
-    folded = name.casefold()
-    for other in state.segments.values():
-        if other.api == api and other.account_id == account and other.name.casefold() == folded:
-            detail = f"a segment named {name!r} already exists"
-            return problem("validation", "name-must-be-unique", detail, where)
-    retailer = attrs.get("retailerId")
-    return state.add_segment(
-        api,
-        account,
-        identifier_type,
-        name=name,
-        description=text_value(attrs.get("description")),
-        retailer_id=str(retailer) if isinstance(retailer, str | int) else None,
-    )
-
-
-def create_answer(state: SandboxState, api: str, account: str | None, body: Any) -> web.Response:
-    """Create the segments a create body lists; ``account`` is the path's, if any."""
-    items = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(items, list):
-        return validation_error("required-field-missing", "data must be a list of segments")
-    created: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    for n, item in enumerate(items):
-        outcome = _create_one(state, api, account, item, n)
-        if isinstance(outcome, Segment):
-            created.append(outcome.entity())
-        else:
-            failures.append(outcome)
-    # Retail Media reports per-item failures as warnings, Marketing Solutions as errors:
-    # the documented behaviour of each, and a client must read both.
-    errors, warnings = ([], failures) if api == RETAIL_MEDIA else (failures, [])
-    return web.json_response({"data": created, "errors": errors, "warnings": warnings})
+# --- search (create, update and delete: syncd.sandbox.management) ----------------------
 
 
 def paging(query: Mapping[str, str], api: str) -> tuple[int, int] | web.Response:
