@@ -23,6 +23,13 @@ async def create(env: dict[str, str], key: str, name: str, *extra: str) -> Any:
     )
 
 
+async def create_vip(env: dict[str, str], conn: Any) -> str:
+    """Create and link the Retail Media segment of key vip; its Criteo id."""
+    result = await create(env, "vip", "VIP", "--account-id", ACCOUNT, "--retailer-id", "7")
+    assert result.code == 0, result
+    return (await links(conn))["vip"]
+
+
 async def test_create_makes_the_segment_and_links_it_in_one_step(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
@@ -57,8 +64,7 @@ async def test_a_refused_create_links_nothing_and_says_why(
 async def test_create_refuses_what_it_can_see_is_wrong_before_calling_criteo(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
-    bad_type = await create(env, "vip", "VIP", "--account-id", ACCOUNT, "--retailer-id", "7")
-    assert bad_type.code == 0
+    await create_vip(env, conn)
     again = await create(env, "vip", "VIP 2", "--account-id", ACCOUNT, "--retailer-id", "7")
     assert again.code == 2 and "linked already" in again.stderr, again
     no_retailer = await create(env, "other", "Other", "--account-id", ACCOUNT)
@@ -101,10 +107,7 @@ async def test_search_reads_every_page_and_shows_which_are_linked(
 async def test_rename_and_delete_go_through_criteo_first(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
-    assert (
-        await create(env, "vip", "VIP", "--account-id", ACCOUNT, "--retailer-id", "7")
-    ).code == 0
-    segment_id = (await links(conn))["vip"]
+    segment_id = await create_vip(env, conn)
     renamed = await run_cli(env, "segments", "rename", "vip", "--name", "VIP 2026")
     assert renamed.code == 0, renamed
     assert sandbox.state.segments[segment_id].name == "VIP 2026"
@@ -125,10 +128,7 @@ async def test_rename_and_delete_go_through_criteo_first(
 async def test_delete_refuses_while_chunks_are_open_unless_forced(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
-    assert (
-        await create(env, "vip", "VIP", "--account-id", ACCOUNT, "--retailer-id", "7")
-    ).code == 0
-    segment_id = (await links(conn))["vip"]
+    segment_id = await create_vip(env, conn)
     await insert_changes(conn, [("vip", "a@example.com", "add")])
     run_id = await conn.fetchval(
         "INSERT INTO syncd.sync_runs (host, pid, target_window) VALUES ('t', 1, now()) RETURNING id"
@@ -146,9 +146,7 @@ async def test_delete_refuses_while_chunks_are_open_unless_forced(
 async def test_stats_for_both_apis_recorded_per_reading(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
-    assert (
-        await create(env, "vip", "VIP", "--account-id", ACCOUNT, "--retailer-id", "7")
-    ).code == 0
+    await create_vip(env, conn)
     assert (await create(env, "app", "App", "--advertiser-id", "4949")).code == 0
     assert (await create(env, "old", "Old", "--advertiser-id", "4949")).code == 0
     linked = await links(conn)

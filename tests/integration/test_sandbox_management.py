@@ -19,13 +19,18 @@ def _sdk(package: str, module: str) -> Any:
     return importlib.import_module(f"{package}.{module}")
 
 
+def _audience_api(package: str, url: str) -> Any:
+    """The SDK's AudienceApi, logged in to the sandbox with its fixture credentials."""
+    client = _sdk(package, "api_client_builder").ApiClientBuilder.WithClientCredentials(
+        "sandbox-client", "sandbox-secret", host=url
+    )
+    return _sdk(package, "api.audience_api").AudienceApi(client)
+
+
 def _retail_media(url: str, renamed: str, read_only: str, in_use: str) -> dict[str, Any]:
     """Rename two segments (one read-only) and delete two (one in an audience)."""
     pkg = "criteo_api_retailmedia_v2027_01"
-    client = _sdk(pkg, "api_client_builder").ApiClientBuilder.WithClientCredentials(
-        "sandbox-client", "sandbox-secret", host=url
-    )
-    audience = _sdk(pkg, "api.audience_api").AudienceApi(client)
+    audience = _audience_api(pkg, url)
     update_entity = _sdk(pkg, "model.rm_audience_segment_update_entity_v1")
     update_resource = _sdk(pkg, "model.rm_audience_segment_update_entity_v1_resource")
     update_input = _sdk(pkg, "model.rm_audience_segment_bulk_update_input_v1")
@@ -86,10 +91,7 @@ async def test_retail_media_update_and_delete_with_partial_approval() -> None:
 
 def _marketing_solutions(url: str, segment_id: str, other: str) -> dict[str, Any]:
     pkg = "criteo_api_marketingsolutions_v2027_01"
-    client = _sdk(pkg, "api_client_builder").ApiClientBuilder.WithClientCredentials(
-        "sandbox-client", "sandbox-secret", host=url
-    )
-    audience = _sdk(pkg, "api.audience_api").AudienceApi(client)
+    audience = _audience_api(pkg, url)
     update_entity = _sdk(pkg, "model.audience_segment_update_entity_v1")
     update_resource = _sdk(pkg, "model.audience_segment_update_entity_v1_resource")
     update_input = _sdk(pkg, "model.audience_segment_bulk_update_input_v1")
