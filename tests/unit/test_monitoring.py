@@ -166,3 +166,10 @@ def test_every_alert_has_a_firing_and_a_quiet_promtool_case() -> None:
         mine = [case for case in cases if case["alertname"] == rule["alert"]]
         assert any(case.get("exp_alerts") for case in mine), f"{rule['alert']} never fires"
         assert any(not case.get("exp_alerts") for case in mine), f"{rule['alert']} never quiet"
+
+
+def test_the_readme_lists_every_alert() -> None:
+    readme = (MONITORING.parents[1] / "README.md").read_text()
+    section = readme.split("## Deploy, monitor and alert", 1)[-1].split("\n## ", 1)[0]
+    missing = [r["alert"] for r in alert_rules() if r["alert"] not in section]
+    assert missing == [], "alerts the README's deploy section does not describe"
