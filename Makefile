@@ -33,6 +33,7 @@ monitoring:
 	  echo "make monitoring: '$(PROMTOOL)' not found; install it with" \
 	       "'apt-get install prometheus' (Debian) or set PROMTOOL=/path/to/promtool" >&2; \
 	  exit 1; }
+	$(PROMTOOL) check config deploy/monitoring/prometheus.yml
 	$(PROMTOOL) check rules deploy/monitoring/alerts.yml
 	$(PROMTOOL) test rules deploy/monitoring/alerts.test.yml
 

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -258,6 +259,19 @@ def test_kubernetes_migration_job_runs_migrate_with_the_same_settings() -> None:
     assert env_sources(container) == env_sources(container_of(objs["Deployment"]))
     assert container["image"] == container_of(objs["Deployment"])["image"]
     assert pod_of(job)["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_kubernetes_manifests_match_the_api_schema(version: str) -> None:
+    # Strict: an unknown or misspelt field (a probe's "initialDelay") fails instead of
+    # being dropped silently by the API server.
+    errors = []
+    for kind, obj in manifests().items():
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{kind}: {error.message}")
+    assert errors == []
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "kubernetes/deployment.yaml"])

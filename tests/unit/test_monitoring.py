@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from syncd.config import Settings
 from syncd.daemon.metrics import REGISTRY
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -173,3 +174,13 @@ def test_the_readme_lists_every_alert() -> None:
     section = readme.split("## Deploy, monitor and alert", 1)[-1].split("\n## ", 1)[0]
     missing = [r["alert"] for r in alert_rules() if r["alert"] not in section]
     assert missing == [], "alerts the README's deploy section does not describe"
+
+
+def test_the_example_prometheus_config_scrapes_the_default_port_and_loads_the_rules() -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    settings = Settings.from_env({"SYNCD_DATABASE_URL": "postgresql://u@h/db"}, need_criteo=False)
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert targets and all(t.endswith(f":{settings.http_port}") for t in targets)
