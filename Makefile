@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean monitoring
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/syncd demo
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) lint typecheck monitoring
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -24,6 +24,18 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The alert rules' unit tests (deploy/monitoring/alerts.test.yml). promtool comes from
+# Debian's `prometheus` package; .ci/run installs it. Missing, it fails: never a silent skip.
+PROMTOOL ?= promtool
+monitoring:
+	@command -v $(PROMTOOL) >/dev/null 2>&1 || { \
+	  echo "make monitoring: '$(PROMTOOL)' not found; install it with" \
+	       "'apt-get install prometheus' (Debian) or set PROMTOOL=/path/to/promtool" >&2; \
+	  exit 1; }
+	$(PROMTOOL) check config deploy/monitoring/prometheus.yml
+	$(PROMTOOL) check rules deploy/monitoring/alerts.yml
+	$(PROMTOOL) test rules deploy/monitoring/alerts.test.yml
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sync.py
