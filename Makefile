@@ -26,9 +26,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # The alert rules' unit tests (deploy/monitoring/alerts.test.yml). promtool comes from
-# Debian's `prometheus` package; .ci/run installs it. Missing, it fails: never a silent skip.
+# Debian's `prometheus` package: installed here when missing and apt-get can (root), so
+# `make test` passes on a fresh Debian machine; otherwise it fails, never a silent skip.
 PROMTOOL ?= promtool
 monitoring:
+	@command -v $(PROMTOOL) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null; }; } || true
 	@command -v $(PROMTOOL) >/dev/null 2>&1 || { \
 	  echo "make monitoring: '$(PROMTOOL)' not found; install it with" \
 	       "'apt-get install prometheus' (Debian) or set PROMTOOL=/path/to/promtool" >&2; \
