@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import asyncpg
 import psutil
 import structlog
 from structlog.testing import capture_logs
@@ -21,6 +22,7 @@ from syncd.config import Settings
 from syncd.daemon import metrics
 from syncd.daemon.schedule import Slot, next_window
 from syncd.daemon.service import Service
+from syncd.db import query
 from syncd.runtime import Runtime
 from syncd.sandbox import RunningSandbox
 from tests.helpers import control, wait_until
@@ -292,3 +294,45 @@ async def test_status_shows_the_windows_missed_and_the_next_window(conn: Any) ->
 async def test_status_with_no_window_missed(conn: Any) -> None:
     text = report.status_text(await status.read(conn, 5))
     assert "windows missed (last 30 days): none" in text.splitlines()
+
+
+async def test_a_slot_held_by_a_replica_that_dies_is_taken_over_before_its_window(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str], database_url: str
+) -> None:
+    settings = Settings.from_env({**env, "SYNCD_LEAD_MINUTES": "0"})
+    await link_segment(conn, sandbox, "vip", "1001")
+    await add_changes(conn, "vip", 30)
+    slot = slot_in(3600)
+    # Another replica runs the slot: its row, and its liveness lock on its own connection.
+    other = await asyncpg.connect(database_url)
+    other_run = await other.fetchval(
+        "INSERT INTO syncd.sync_runs (host, pid, trigger, target_window, slot) "
+        "VALUES ('other', 1, 'window', $1, $2) RETURNING id",
+        slot.window,
+        slot.key,
+    )
+    await other.execute(query("hold_run_lock"), other_run)
+    async with Runtime.open(settings) as runtime:
+        service = Service(runtime, sleep=quick, recheck_s=0.05)
+        with capture_logs() as logs:
+            async with serving(service):
+                service.request(slot)
+                await wait_until(
+                    lambda: _has(logs, "slot_taken_elsewhere"), 10, "the slot seen taken"
+                )
+                assert await chunk_states(conn) == {}  # this replica planned nothing
+                await other.close()  # the other replica dies: its lock goes with it
+
+                async def taken_over() -> bool:
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM syncd.sync_runs "
+                            "WHERE slot = $1 AND status = 'succeeded'",
+                            slot.key,
+                        )
+                    )
+
+                await wait_until(taken_over, 20, "the slot's run, by this replica")
+    rows = await conn.fetch("SELECT id, status FROM syncd.sync_runs ORDER BY id")
+    assert [r["status"] for r in rows] == ["crashed", "succeeded"]
+    assert await chunk_states(conn) == {"done": 1}
