@@ -84,6 +84,7 @@ class Service:
         self._recheck_s = recheck_s
         self._pending: dict[SlotKind, Slot] = {}
         self._watched: Slot | None = None  # lost to another replica; taken over if it fails
+        self._watched_once: Slot | None = None  # the last slot said to be taken elsewhere
         self._wake = asyncio.Event()
         self._scheduler: Any = None
         self._looping = False
@@ -165,7 +166,8 @@ class Service:
                 return None
             if not self._pending and self._watched is not None:
                 watched, self._watched = self._watched, None
-                return watched
+                # Past its window, whoever ran it is accountable for it: stop watching.
+                return watched if watched.window > self._clock() else None
         for kind in URGENCY:
             slot = self._pending.pop(kind, None)
             if slot is not None:
@@ -189,8 +191,9 @@ class Service:
             await self._after_failure(slot, exc, stop)
             return clean
         if summary is None:
-            log.info("slot_taken_elsewhere", slot=slot.key)
-            self._watched = slot
+            if self._watched_once != slot:  # once, not at every look while watching
+                log.info("slot_taken_elsewhere", slot=slot.key)
+            self._watched = self._watched_once = slot
         else:
             await self._account(slot, summary)
         return clean

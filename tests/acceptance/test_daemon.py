@@ -100,12 +100,15 @@ async def test_sigterm_mid_push_exits_0_and_loses_nothing(
     await set_latency(sandbox, 0)
     again = await Cli.start(env, "run")
 
-    async def all_done() -> bool:
-        return bool(await chunk_states(conn) == {"done": 20})
+    async def rerun_succeeded() -> bool:
+        return bool(
+            await conn.fetchval("SELECT count(*) FROM syncd.sync_runs WHERE status = 'succeeded'")
+        )
 
-    await wait_until(all_done, 30, "every chunk acknowledged")
+    await wait_until(rerun_succeeded, 30, "the slot's run again, to success")
     again.signal(signal.SIGTERM)
     assert (await again.finish(15)).code == 0
+    assert await chunk_states(conn) == {"done": 20}
     acks = await acknowledged_per_chunk(conn)
     assert set(acks.values()) == {1}, acks
     assert max(requests_by_key(sandbox).values()) == 1  # nothing sent twice
@@ -123,22 +126,21 @@ async def test_two_daemons_run_a_slot_once_and_push_each_chunk_once(
     await set_latency(sandbox, 100)
     daemons = await asyncio.gather(Cli.start(env, "run"), Cli.start(env, "run"))
 
-    async def all_done() -> bool:
-        return bool(await chunk_states(conn) == {"done": 30})
+    async def slot_run_succeeded() -> bool:
+        return bool(
+            await conn.fetchval("SELECT count(*) FROM syncd.sync_runs WHERE status = 'succeeded'")
+        )
 
-    await wait_until(all_done, 40, "every chunk acknowledged")
-
-    async def both_decided() -> bool:
-        return bool(await conn.fetchval("SELECT count(*) FROM syncd.sync_runs") >= 1)
-
-    await wait_until(both_decided, 10, "the slot's run row")
+    await wait_until(slot_run_succeeded, 40, "the slot's run to succeed")
     for daemon in daemons:
         daemon.signal(signal.SIGTERM)
     results = [await d.finish(15) for d in daemons]
     assert [r.code for r in results] == [0, 0], results
     rows = await runs(conn)
     assert len(rows) == 1 and rows[0]["status"] == "succeeded", rows
+    assert sum('"event": "run_started"' in r.stdout for r in results) == 1
     assert sum('"event": "slot_taken_elsewhere"' in r.stdout for r in results) <= 1
+    assert await chunk_states(conn) == {"done": 30}
     assert set((await acknowledged_per_chunk(conn)).values()) == {1}
     sent = requests_by_key(sandbox)
     assert sent == Counter({key: 1 for key in sent}) and len(sent) == 30

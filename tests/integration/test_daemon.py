@@ -77,12 +77,16 @@ async def test_a_run_that_ends_after_its_window_logs_window_missed(
     await link_segment(conn, sandbox, "vip", "1001")
     await add_changes(conn, "vip", 20)  # two chunks
     await control(sandbox, "POST", "faults", {"latency_ms": 1200})
-    missed_before = metrics.WINDOWS_MISSED._value.get()
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    missed_before = sample("syncd_windows_missed_total")
+    ok_before = sample("syncd_runs_total", outcome="ok")
     async with Runtime.open(settings) as runtime:
         service = Service(runtime, sleep=quick)
         with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
             async with serving(service):
-                service.request(slot_in(0.8))
 
                 async def finished() -> bool:
                     return bool(
@@ -91,6 +95,14 @@ async def test_a_run_that_ends_after_its_window_logs_window_missed(
                         )
                     )
 
+                async def started() -> bool:
+                    return service.alive()
+
+                await wait_until(started, 5, "the service loop")
+                left = metrics.REGISTRY.get_sample_value("syncd_next_window_seconds")
+                assert left is not None and 0 < left <= 12 * 3600
+                # A window the run cannot make: 0.8 s away, its requests take 1.2 s.
+                service.request(slot_in(0.8))
                 await wait_until(finished, 20, "the run to finish")
                 await wait_until(lambda: _has(logs, "window_missed"), 5, "the window_missed line")
                 assert service.alive()
@@ -99,7 +111,9 @@ async def test_a_run_that_ends_after_its_window_logs_window_missed(
     assert missed["log_level"] == "error"
     assert missed["status"] == "succeeded" and missed["chunks_left"] == 0
     assert missed["slot"].startswith("window:")
-    assert metrics.WINDOWS_MISSED._value.get() == missed_before + 1
+    assert sample("syncd_windows_missed_total") == missed_before + 1
+    assert sample("syncd_runs_total", outcome="ok") == ok_before + 1
+    assert sample("syncd_last_success_timestamp_seconds") > 0
     row = await conn.fetchrow("SELECT made_window, slot, target_window FROM syncd.sync_runs")
     assert row["made_window"] is False and row["slot"] == missed["slot"]
 

@@ -4,12 +4,15 @@ the APScheduler triggers built from the settings, all against an injected clock.
 from __future__ import annotations
 
 import datetime as dt
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from syncd.config import Settings
 from syncd.daemon import schedule
 from syncd.daemon.schedule import Slot, SlotKind
+from syncd.daemon.service import Service
 
 UTC = dt.UTC
 DEFAULT = (dt.time(0, 0), dt.time(12, 0))
@@ -117,3 +120,18 @@ def test_the_interval_job_fires_on_epoch_boundaries() -> None:
     assert fires["interval"] == at("2026-12-01 03:20")
     interval = next(j for j in scheduler.get_jobs() if j.id == "interval")
     assert interval.args == ("interval",)
+
+
+async def test_a_fire_asks_for_the_slot_its_clock_says() -> None:
+    env = {"SYNCD_DATABASE_URL": "postgresql://u@localhost/db", "SYNCD_INTERVAL_MINUTES": "15"}
+    settings = Settings.from_env(env, need_criteo=False)
+    # A cron fire a hair after 11:00 (window 12:00, lead 60): it targets 12:00.
+    runtime: Any = SimpleNamespace(settings=settings)
+    service = Service(runtime, clock=lambda: at("2026-12-01 11:00:00.2"))
+    await service.fire("window")
+    await service.fire("interval")
+    assert service._pending == {
+        "window": Slot("window", at("2026-12-01 12:00"), at("2026-12-01 12:00")),
+        "interval": Slot("interval", at("2026-12-01 11:00"), at("2026-12-01 12:00")),
+    }
+    assert service.seconds_to_next_window() == 3599.8
