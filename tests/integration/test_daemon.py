@@ -350,3 +350,32 @@ async def test_a_slot_held_by_a_replica_that_dies_is_taken_over_before_its_windo
     rows = await conn.fetch("SELECT id, status FROM syncd.sync_runs ORDER BY id")
     assert [r["status"] for r in rows] == ["crashed", "succeeded"]
     assert await chunk_states(conn) == {"done": 1}
+
+
+async def test_criteo_down_fails_a_run_not_the_service_and_the_next_run_finishes(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    settings = Settings.from_env(
+        {**env, "SYNCD_CHUNK_SIZE": "10", "SYNCD_MAX_ATTEMPTS": "2", "SYNCD_LEAD_MINUTES": "0"}
+    )
+    await link_segment(conn, sandbox, "vip", "1001")
+    await add_changes(conn, "vip", 30)  # three chunks
+    await control(sandbox, "POST", "faults", {"fault_rate_5xx": 1.0})  # Criteo is down
+    stop, force = asyncio.Event(), asyncio.Event()
+    async with Runtime.open(settings) as runtime:
+        service = Service(runtime, sleep=quick)
+        with capture_logs() as logs:
+            assert await service.run_once(slot_in(3600, "interval"), stop, force)
+            assert await chunk_states(conn) == {"failed": 3}
+            await control(sandbox, "POST", "faults", {"fault_rate_5xx": 0.0})  # back
+            assert await service.run_once(slot_in(3601, "interval"), stop, force)
+    assert await chunk_states(conn) == {"done": 3}
+    statuses = [
+        r["status"] for r in await conn.fetch("SELECT status FROM syncd.sync_runs ORDER BY id")
+    ]
+    assert statuses == ["failed", "succeeded"]
+    assert not [e for e in logs if e["event"] in ("run_crashed", "database_lost")]
+    acks = await conn.fetchval(
+        "SELECT count(DISTINCT chunk_id) FROM syncd.push_audit WHERE outcome = 'acknowledged'"
+    )
+    assert acks == 3
