@@ -241,9 +241,9 @@ class Service:
     async def _after_failure(self, slot: Slot, exc: Exception, stop: asyncio.Event) -> None:
         """A run raised. If the database is gone, wait for it and run the slot again;
         otherwise log it: the next slot runs as planned."""
+        metrics.RUNS.labels(outcome="failed").inc()
         reason = await self.probe()
         if reason is None:
-            metrics.RUNS.labels(outcome="failed").inc()
             log.error("run_crashed", slot=slot.key, error_type=type(exc).__name__)
             return
         if await self.wait_for_database(reason, stop) and slot.window > self._clock():

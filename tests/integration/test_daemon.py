@@ -379,3 +379,32 @@ async def test_criteo_down_fails_a_run_not_the_service_and_the_next_run_finishes
         "SELECT count(DISTINCT chunk_id) FROM syncd.push_audit WHERE outcome = 'acknowledged'"
     )
     assert acks == 3
+
+
+async def test_slots_due_together_run_one_after_the_other_window_first(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    settings = Settings.from_env({**env, "SYNCD_LEAD_MINUTES": "0", "SYNCD_CHUNK_SIZE": "10"})
+    await link_segment(conn, sandbox, "vip", "1001")
+    await add_changes(conn, "vip", 30)
+    await control(sandbox, "POST", "faults", {"latency_ms": 300})
+    async with Runtime.open(settings) as runtime:
+        service = Service(runtime, sleep=quick)
+        service.request(slot_in(3600, "interval"))
+        service.request(slot_in(3600))
+        async with serving(service):
+
+            async def both_finished() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM syncd.sync_runs WHERE status = 'succeeded'"
+                    )
+                    == 2
+                )
+
+            await wait_until(both_finished, 20, "both runs")
+    first, second = await conn.fetch(
+        "SELECT trigger, started_at, finished_at FROM syncd.sync_runs ORDER BY id"
+    )
+    assert (first["trigger"], second["trigger"]) == ("window", "interval")
+    assert second["started_at"] >= first["finished_at"]  # never two runs at once
