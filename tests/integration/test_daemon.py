@@ -208,8 +208,10 @@ async def test_the_database_lost_under_a_running_daemon_is_waited_for_and_nothin
             "SYNCD_LEAD_MINUTES": "0",
             "SYNCD_CHUNK_SIZE": "10",
             "SYNCD_CONCURRENCY": "2",
-            "SYNCD_HTTP_TIMEOUT_S": "2",
-            "SYNCD_LEASE_S": "5",
+            # Short, so the lost run's claims are free soon (7 s after its last heartbeat);
+            # not shorter: a starved event loop must still prove its liveness in time.
+            "SYNCD_HTTP_TIMEOUT_S": "3",
+            "SYNCD_LEASE_S": "6",
         }
     )
     await link_segment(conn, sandbox, "vip", "1001")
@@ -224,7 +226,10 @@ async def test_the_database_lost_under_a_running_daemon_is_waited_for_and_nothin
                 async def some_acknowledged() -> bool:
                     return sandbox.state.amendments_applied >= 2
 
-                await wait_until(some_acknowledged, 20, "two acknowledged chunks")
+                try:
+                    await wait_until(some_acknowledged, 20, "two acknowledged chunks")
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}; daemon logged: {logs}") from None
                 await proxy.cut()
                 await wait_until(lambda: _has(logs, "database_lost"), 20, "database_lost")
                 assert not service.database_ok
