@@ -19,7 +19,7 @@ from syncd.config import Settings
 from syncd.db import migrations
 from syncd.errors import ConfigError, MigrationError, SyncdError, UsageError
 from syncd.logging import configure_logging
-from syncd.signals import run_until_signalled
+from syncd.signals import run_until_signalled, run_until_signalled_twice
 from syncd.sync import sync_once
 
 if TYPE_CHECKING:
@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("migrate", help="create or upgrade the syncd schema")
     sub.add_parser("sync", help="plan and push every waiting change now (one run)")
+    sub.add_parser("run", help="the daemon: a run ahead of each window in SYNCD_WINDOWS_UTC")
+    sub.add_parser(
+        "check",
+        help="exit 1 when the database is unreachable, migrations are behind, or the last "
+        "run failed or missed its window (for probes and cron monitors)",
+    )
     sub.add_parser("plan", help="show what a sync would send; sends and consumes nothing")
     st = sub.add_parser("status", help="recent runs, open chunks, waiting changes")
     st.add_argument("--runs", type=_count, default=5, help="how many recent runs to show")
@@ -185,10 +191,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(args.changes)
 
     remote = getattr(args, "segments_command", None) in REMOTE_SEGMENT_COMMANDS
-    settings = Settings.from_env(need_criteo=args.command == "sync" or remote)
+    settings = Settings.from_env(need_criteo=args.command in ("sync", "run") or remote)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "sync":
         return run_until_signalled(lambda stop: _sync(settings, stop))
+    if args.command == "run":
+        from syncd.daemon.service import run_daemon  # APScheduler: only for the daemon
+
+        return run_until_signalled_twice(lambda stop, force: run_daemon(settings, stop, force))
     if remote:
         from syncd.segments_cli import run_segment_command
 
@@ -246,9 +256,11 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             applied = await migrations.migrate(conn)
             print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
             return 0
+        if args.command == "check":
+            return await _check(conn)
         await migrations.check_schema(conn)
         if args.command == "status":
-            print(report.status_text(await status.read(conn, args.runs)))
+            print(report.status_text(await status.read(conn, args.runs, settings.windows_utc)))
             return 0
         if args.command == "plan":
             plans = await plan.preview(conn, settings.chunk_size)
@@ -257,6 +269,18 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
         return await _segments(conn, args)
     finally:
         await conn.close()
+
+
+async def _check(conn: Any) -> int:
+    """`syncd check`: 0 healthy; 1 migrations behind, or the last run failed or missed its
+    window (an unreachable database is 1 too, from main). One line either way."""
+    pending = await migrations.pending_migrations(conn)
+    if pending:
+        print(f"syncd: {len(pending)} migration(s) pending; run `syncd migrate`", file=sys.stderr)
+        return 1
+    problem, line = report.check_line(await status.last_finished_run(conn))
+    print(f"syncd: {line}" if problem else line, file=sys.stderr if problem else sys.stdout)
+    return 1 if problem else 0
 
 
 async def _segments(conn: Any, args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -41,6 +42,18 @@ from syncd.logging import get_logger
 log = get_logger(__name__)
 
 MIN_HEARTBEAT_S = 0.2
+
+
+class RunSlot(Protocol):
+    """A daemon run's slot (syncd.daemon.schedule.Slot): its unique key and its window."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def window(self) -> datetime: ...
+
+
 MAX_HEARTBEAT_S = 5.0
 
 
@@ -83,17 +96,27 @@ class RunLock:
         conn.add_termination_listener(lambda _: lock._lose("the lock connection was closed"))
         return lock
 
-    async def start_run(self, trigger: str) -> Any:
-        """Insert the run row and take its lock: both become visible together."""
+    async def start_run(self, trigger: str, slot: RunSlot | None = None) -> Any:
+        """Insert the run row and take its lock: both become visible together. A daemon
+        run of a slot another run has (syncd.daemon.schedule) gets no row: None."""
+        timing = (self.timing.valid_s, self.timing.takeover_after_s)
         async with self.conn.transaction():
-            row = await self.conn.fetchrow(
-                query("start_run"),
-                trigger,
-                socket.gethostname(),
-                os.getpid(),
-                self.timing.valid_s,
-                self.timing.takeover_after_s,
-            )
+            if slot is None:
+                row = await self.conn.fetchrow(
+                    query("start_run"), trigger, socket.gethostname(), os.getpid(), *timing
+                )
+            else:
+                row = await self.conn.fetchrow(
+                    query("start_slot_run"),
+                    trigger,
+                    socket.gethostname(),
+                    os.getpid(),
+                    *timing,
+                    slot.window,
+                    slot.key,
+                )
+                if row is None:
+                    return None
             await self.conn.execute(query("hold_run_lock"), row["id"])
         self.run_id = int(row["id"])
         return row

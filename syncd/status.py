@@ -3,12 +3,18 @@ changes. The queries are in db/queries/status.sql; report.status_text formats th
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from syncd.config import DEFAULT_WINDOWS
+from syncd.daemon.schedule import next_window
 from syncd.db import query
 
 FAILED_CHUNKS_SHOWN = 20
+MISSED_WINDOWS_DAYS = 30
+MISSED_WINDOWS_SHOWN = 10
 
 
 @dataclass
@@ -20,9 +26,15 @@ class Status:
     unsendable_chunks: list[Any] = field(default_factory=list)
     waiting_linked: int = 0
     waiting_unlinked: list[Any] = field(default_factory=list)
+    # Window accounting (SYNCD_WINDOWS_UTC): the next window, when status was read, and
+    # the recent windows no run made.
+    next_window: dt.datetime | None = None
+    now: dt.datetime | None = None
+    missed_windows: list[Any] = field(default_factory=list)
 
 
-async def read(conn: Any, runs: int = 5) -> Status:
+async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WINDOWS) -> Status:
+    now = dt.datetime.now(dt.UTC)
     return Status(
         runs_asked=runs,
         recent_runs=list(await conn.fetch(query("recent_runs"), runs)) if runs else [],
@@ -31,4 +43,14 @@ async def read(conn: Any, runs: int = 5) -> Status:
         unsendable_chunks=list(await conn.fetch(query("unsendable_chunks"))),
         waiting_linked=await conn.fetchval(query("waiting_linked")),
         waiting_unlinked=list(await conn.fetch(query("waiting_unlinked"))),
+        next_window=next_window(now, windows),
+        now=now,
+        missed_windows=list(
+            await conn.fetch(query("missed_windows"), MISSED_WINDOWS_DAYS, MISSED_WINDOWS_SHOWN)
+        ),
     )
+
+
+async def last_finished_run(conn: Any) -> Any:
+    """The latest run that ended on its own (succeeded, failed, crashed), or None."""
+    return await conn.fetchrow(query("last_finished_run"))

@@ -24,7 +24,7 @@ from syncd.config import Settings
 from syncd.db import query
 from syncd.db.migrations import check_schema
 from syncd.errors import RunAbortingError
-from syncd.liveness import RunLock
+from syncd.liveness import RunLock, RunSlot
 from syncd.logging import get_logger
 from syncd.runtime import Runtime
 
@@ -228,13 +228,29 @@ async def run_sync(
     stop: asyncio.Event | None = None,
 ) -> RunSummary:
     """Run one sync now in a runtime the caller keeps, and return its summary."""
+    summary = await run_slot(runtime, None, trigger=trigger, sleep=sleep, stop=stop)
+    assert summary is not None  # only a slot can be taken
+    return summary
+
+
+async def run_slot(
+    runtime: Runtime,
+    slot: RunSlot | None,
+    *,
+    trigger: str = "manual",
+    sleep: Sleep = asyncio.sleep,
+    stop: asyncio.Event | None = None,
+) -> RunSummary | None:
+    """Run one sync for a daemon slot (or none); None when another run has the slot."""
     started = time.monotonic()
     settings = runtime.settings
     lock = await RunLock.open(settings)
     try:
         await check_schema(lock.conn)
         dead = await lock.conn.fetch(query("mark_dead_runs"))
-        row = await lock.start_run(trigger)
+        row = await lock.start_run(trigger, slot)
+        if row is None:
+            return None
         run_id = row["id"]
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             rearmed = await lock.conn.fetch(query("rearm_failed_chunks"))
@@ -242,6 +258,7 @@ async def run_sync(
             log.info(
                 "run_started",
                 trigger=trigger,
+                slot=None if slot is None else slot.key,
                 target_window=row["target_window"].isoformat(),
                 dead_runs_marked=len(dead),
                 failed_chunks_rearmed=len(rearmed),

@@ -145,6 +145,8 @@ def env(database_url: str, sandbox: RunningSandbox) -> dict[str, str]:
         "SYNCD_RETRY_BASE_S": "0.01",
         "SYNCD_HTTP_TIMEOUT_S": "5",
         "SYNCD_LEASE_S": "30",
+        # No HTTP server unless a test asks for one (on a free port): daemons run side by side.
+        "SYNCD_HTTP_PORT": "0",
     }
 
 

@@ -26,10 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 # The variables that hold credentials: the Secret, and only the Secret, carries them.
 CREDENTIALS = {"SYNCD_DATABASE_URL", "CRITEO_CLIENT_ID", "CRITEO_CLIENT_SECRET"}
-# Commands the deploy files use that other branches of issue 10 add (the daemon: `syncd run`,
-# `syncd check`). test_pending_commands_are_not_yet_real fails once they exist here: then
-# empty this set so the entry points are checked against the parser like the others.
-PENDING_COMMANDS = {"run", "check"}
 
 
 def defaults() -> Settings:
@@ -47,17 +43,12 @@ def assert_syncd_command(argv: list[str], expected: str) -> None:
     """argv runs `syncd <expected>` (any path to the script), and that command exists."""
     assert Path(argv[0]).name == "syncd", argv
     assert argv[1:] == [expected], argv
-    assert expected in real_commands() | PENDING_COMMANDS, f"`syncd {expected}` is no command"
+    assert expected in real_commands(), f"`syncd {expected}` is no command"
 
 
 def documented_variables() -> set[str]:
     text = (ROOT / ".env.example").read_text()
     return set(re.findall(r"^#? ?((?:SYNCD|CRITEO)_[A-Z0-9_]+)=", text, re.MULTILINE))
-
-
-def test_pending_commands_are_not_yet_real() -> None:
-    assert PENDING_COMMANDS & real_commands() == set(), "they landed: empty PENDING_COMMANDS"
-    assert {"migrate", "sync"} <= real_commands()
 
 
 def test_the_credentials_are_the_secret_settings() -> None:

@@ -14,6 +14,16 @@ VALUES ($1, $2, $3,
     now(), $4, $5)
 RETURNING id, target_window;
 
+-- name: start_slot_run
+-- The run row of a daemon slot, unless a run of the slot is running or finished (see
+-- 0008): no row then, and this replica leaves the slot to the run that has it. $6: the
+-- window it targets (from SYNCD_WINDOWS_UTC), its deadline; $7: the slot key.
+INSERT INTO syncd.sync_runs
+    (trigger, host, pid, target_window, heartbeat_at, heartbeat_valid_s, takeover_after_s, slot)
+VALUES ($1, $2, $3, $6, now(), $4, $5, $7)
+ON CONFLICT (slot) WHERE status IN ('running', 'succeeded', 'failed') DO NOTHING
+RETURNING id, target_window;
+
 -- name: start_preview_run
 -- The run row `syncd plan` plans under, in a transaction it rolls back: an id of its own
 -- (minus the backend's pid, unique among sessions) so that no run id is used up.
@@ -121,3 +131,16 @@ ORDER BY a.segment_key, a.operation;
 SELECT segment_key, reason, count(*) AS identifiers
 FROM syncd.rejected_identifiers WHERE run_id = $1
 GROUP BY segment_key, reason ORDER BY segment_key, reason;
+
+-- name: unacknowledged_by_segment
+-- What a window was missed with: per segment, the chunks and identifiers not acknowledged.
+SELECT segment_key, state, count(*) AS chunks, coalesce(sum(identifier_count), 0) AS identifiers
+FROM syncd.chunks WHERE state <> 'done'
+GROUP BY segment_key, state ORDER BY segment_key, state;
+
+-- name: last_success
+-- When the last run that left nothing failing ended (Unix time), or NULL: the daemon's
+-- syncd_last_success_timestamp_seconds starts from it, not from 0, so a restart or a fresh
+-- replica does not look like a deployment that never succeeded.
+SELECT extract(epoch FROM max(finished_at))::float8
+FROM syncd.sync_runs WHERE status = 'succeeded';

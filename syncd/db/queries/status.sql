@@ -66,3 +66,24 @@ SELECT c.segment_key, count(*) AS chunks, sum(c.identifier_count) AS identifiers
 FROM syncd.chunks c
 WHERE c.state <> 'done' AND c.api IS NULL
 GROUP BY c.segment_key ORDER BY c.segment_key;
+
+-- name: missed_windows
+-- Windows of the last $1 days, already passed, that runs targeted and none made (a run
+-- that ended late or left work, or crashed), newest first, at most $2.
+SELECT r.target_window, count(*) AS runs, max(r.id) AS last_run,
+    string_agg(DISTINCT r.status, ', ') AS statuses,
+    (array_agg(r.chunks_left ORDER BY r.id DESC))[1] AS chunks_left
+FROM syncd.sync_runs r
+WHERE r.target_window <= now() AND r.target_window > now() - make_interval(days => $1)
+GROUP BY r.target_window
+HAVING NOT bool_or(coalesce(r.made_window, false)) AND bool_and(r.status <> 'running')
+ORDER BY r.target_window DESC
+LIMIT $2;
+
+-- name: last_finished_run
+-- What `syncd check` judges: the latest run that ended on its own (an interrupted run was
+-- stopped by a shutdown; the next one continues its work).
+SELECT id, status, made_window, target_window, finished_at, error
+FROM syncd.sync_runs
+WHERE status IN ('succeeded', 'failed', 'crashed')
+ORDER BY id DESC LIMIT 1;
