@@ -113,7 +113,8 @@ class _Progress:
 
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     clock: float = field(default_factory=time.monotonic)
-    attempts: int = 0
+    attempts: int = 0  # sendings, 429s included: what the audit row counts
+    faults: int = 0  # real faults only (5xx, timeouts, dropped connections): the cap's count
     last_error: CriteoError | None = None
 
 
@@ -198,7 +199,7 @@ class Pusher:
                 return await self._lease_lost(chunk, p, None)
             except RetryableError as exc:
                 p.last_error = exc
-                next_wait = self._after_retryable(chunk, exc, p.attempts)
+                next_wait = self._after_retryable(chunk, exc, p)
                 if next_wait is None:
                     return await self._finish(chunk, "failed", p, error=exc)
                 wait_s = next_wait
@@ -285,15 +286,20 @@ class Pusher:
 
         return amendment_body(chunk.target, chunk.operation, chunk.payload_bytes, identifiers)
 
-    def _after_retryable(self, chunk: Chunk, error: RetryableError, attempts: int) -> float | None:
+    def _after_retryable(self, chunk: Chunk, error: RetryableError, p: _Progress) -> float | None:
         """The wait before the next attempt, or None when the attempts are used up. A 429
-        makes every sender wait as long (the shared cool-down)."""
+        makes every sender wait as long (the shared cool-down) and is no fault: the API
+        says "later", so it never counts towards SYNCD_MAX_ATTEMPTS (a wait past
+        SYNCD_RETRY_MAX_WAIT_S defers the chunk instead)."""
         s = self._settings
+        attempts = p.attempts
         wait_s = retry_wait_s(attempts, error.retry_after_s, s.retry_base_s, s.retry_max_wait_s)
         if error.status == 429:
             self._client.cooldown.trip(wait_s)
-        if attempts >= s.max_attempts:
-            return None
+        else:
+            p.faults += 1
+            if p.faults >= s.max_attempts:
+                return None
         if wait_s <= s.retry_max_wait_s:  # longer: deferred (logged as not acknowledged)
             log.info(
                 "chunk_retry",
