@@ -73,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--fault-rate-drop", type=float, default=0.0)
     sb.add_argument("--token-ttl-s", type=int, default=900)
     sb.add_argument(
+        "--rate-limit-per-min",
+        type=_ascii_int,
+        help="enforce a call budget per app (client id), e.g. 250 as Criteo does",
+    )
+    sb.add_argument(
+        "--rate-limit-mode",
+        choices=("window", "bucket"),
+        default="window",
+        help="a fixed one-minute window, or a bucket refilling continuously (--rate-limit-burst)",
+    )
+    sb.add_argument(
+        "--rate-limit-burst", type=_ascii_int, default=4, help="calls a full bucket holds"
+    )
+    sb.add_argument(
+        "--rate-limit-retry-after",
+        action="store_true",
+        help="send Retry-After on a 429 (Criteo does not document it: off by default)",
+    )
+    sb.add_argument(
         "--segment",
         action="append",
         default=[],
@@ -174,7 +193,25 @@ def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
         fault_rate_drop=args.fault_rate_drop,
         token_ttl_s=args.token_ttl_s,
         segments=tuple(args.segment),
+        rate_limit_per_minute=args.rate_limit_per_min or None,
+        rate_limit_mode=args.rate_limit_mode,
+        rate_limit_burst=max(1, args.rate_limit_burst),
+        rate_limit_retry_after=args.rate_limit_retry_after,
+        clients=_sandbox_clients(),
     )
+
+
+def _sandbox_clients() -> tuple[tuple[str, str], ...]:
+    """The apps named in CRITEO_APPS whose credentials are set: the sandbox accepts them
+    too, each with its own budget (read from the environment, never from argv)."""
+    clients = []
+    for name in os.environ.get("CRITEO_APPS", "").split(","):
+        prefix = f"CRITEO_APP_{name.strip().upper()}_"
+        client_id = os.environ.get(prefix + "CLIENT_ID", "").strip()
+        secret = os.environ.get(prefix + "CLIENT_SECRET", "").strip()
+        if name.strip() and client_id and secret:
+            clients.append((client_id, secret))
+    return tuple(clients)
 
 
 def _announce_sandbox(url: str, config: SandboxConfig) -> None:
