@@ -73,7 +73,7 @@ class Settings:
     chunk_size: int = MAX_CHUNK_SIZE
     plan_concurrency: int = 2
     http_timeout_s: float = 60.0
-    rate_limit_per_min: int = 240
+    rate_limit_per_min: int = 0  # a ceiling of the user's own; 0: what Criteo says
     max_attempts: int = 5
     retry_base_s: float = 0.5
     retry_max_wait_s: float = 30.0
@@ -115,7 +115,7 @@ class Settings:
             chunk_size=_get(e, "SYNCD_CHUNK_SIZE", _int_in(1, MAX_CHUNK_SIZE), MAX_CHUNK_SIZE),
             plan_concurrency=_get(e, "SYNCD_PLAN_CONCURRENCY", _int_in(1, 16), default=2),
             http_timeout_s=_get(e, "SYNCD_HTTP_TIMEOUT_S", _float_in(0.1, 600), default=60.0),
-            rate_limit_per_min=_get(e, "SYNCD_RATE_LIMIT_PER_MIN", _int_in(0, 100_000), 240),
+            rate_limit_per_min=_get(e, "SYNCD_RATE_LIMIT_PER_MIN", _int_in(0, 100_000), 0),
             max_attempts=_get(e, "SYNCD_MAX_ATTEMPTS", _int_in(1, 100), default=5),
             retry_base_s=_get(e, "SYNCD_RETRY_BASE_S", _float_in(0, 60), default=0.5),
             retry_max_wait_s=_get(e, "SYNCD_RETRY_MAX_WAIT_S", _float_in(0, 3600), default=30.0),

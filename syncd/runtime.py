@@ -54,6 +54,7 @@ class Runtime:
             client = self._clients.get(app)
             if client is None:
                 client_class = await asyncio.to_thread(_client_class)
-                client = await self._stack.enter_async_context(client_class.open(self.settings))
+                opening = client_class.open(self.settings, app)
+                client = await self._stack.enter_async_context(opening)
                 self._clients[app] = client
             return client

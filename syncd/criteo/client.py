@@ -29,6 +29,7 @@ import aiohttp
 from syncd import __version__
 from syncd.config import Settings
 from syncd.criteo.pacing import Cooldown, Pacer
+from syncd.daemon.metrics import RATE_LIMITED
 from syncd.errors import (
     PayloadTooLarge,
     PermanentError,
@@ -74,7 +75,9 @@ class CriteoClient:
         settings: Settings,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
+        app: str = "default",
     ) -> None:
+        self.app = app  # the Criteo app's name: its budget, cool-down and metrics' label
         self._settings = settings
         self._session = session
         self._clock = clock
@@ -82,12 +85,12 @@ class CriteoClient:
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
         self._deprecation_logged = False
-        self.pacer = Pacer(settings.rate_limit_per_min, clock)
+        self.pacer = Pacer(settings.rate_limit_per_min, clock, app=app)
         self.cooldown = Cooldown(clock)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[CriteoClient]:
+    async def open(cls, settings: Settings, app: str = "default") -> AsyncIterator[CriteoClient]:
         # limit_per_host matches the application's own semaphore: a request never waits
         # inside the connector, where the wait would count against the connect timeout.
         connector = aiohttp.TCPConnector(
@@ -102,7 +105,7 @@ class CriteoClient:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=headers, raise_for_status=False
         ) as session:
-            yield cls(settings, session)
+            yield cls(settings, session, app=app)
 
     # --- token --------------------------------------------------------------------------
 
@@ -240,6 +243,10 @@ class CriteoClient:
                 f"request failed: {type(exc).__name__}", code=_exc_code(exc)
             ) from None
         self._check_deprecation(resp_headers)
+        # Every answer (a 429 too) says where the app's budget stands.
+        self.pacer.observe(resp_headers)
+        if status == 429:
+            RATE_LIMITED.labels(app=self.app).inc()
         if status == 401:
             return None
         if 200 <= status < 300:
