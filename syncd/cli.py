@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--account-id", help="Criteo account (Retail Media) or advertiser id")
     ln.add_argument("--gum-caller-id", type=_ascii_int, help="required for identifier type gum")
     ln.add_argument(
+        "--app",
+        default="default",
+        help="the Criteo app (CRITEO_APPS) whose credentials and budget push this segment",
+    )
+    ln.add_argument(
         "--send-as",
         default="sha256",
         help="sha256 (default: emails and phones hashed) or plain (sent normalised, unhashed)",
@@ -254,12 +259,12 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             plans = await plan.preview(conn, settings.chunk_size)
             print(report.plan_table(plans, settings.chunk_size))
             return 0
-        return await _segments(conn, args)
+        return await _segments(conn, args, settings)
     finally:
         await conn.close()
 
 
-async def _segments(conn: Any, args: argparse.Namespace) -> int:
+async def _segments(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     if args.segments_command == "list":
         print(report.links_table(await links.list_links(conn)))
         return 0
@@ -267,6 +272,11 @@ async def _segments(conn: Any, args: argparse.Namespace) -> int:
         dropped = await links.unlink(conn, args.key, force=args.force)
         print(f"unlinked {args.key}" + (f" (dropped {dropped} unsent chunk(s))" if dropped else ""))
         return 0
+    if args.app not in settings.app_names:
+        raise UsageError(
+            f"--app {args.app!r} is not a configured Criteo app; the apps are "
+            f"{', '.join(settings.app_names)} (name more in CRITEO_APPS)"
+        )
     outcome = await links.link(
         conn,
         links.Link(
@@ -277,6 +287,7 @@ async def _segments(conn: Any, args: argparse.Namespace) -> int:
             send_as=args.send_as,
             account_id=args.account_id,
             gum_caller_id=args.gum_caller_id,
+            app=args.app,
         ),
         force=args.force,
     )

@@ -17,6 +17,7 @@ import json
 import random
 import time
 import traceback
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,8 @@ from syncd.logging import get_logger
 log = get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+# The client of a Criteo app by name (Runtime.criteo).
+ClientSource = Callable[[str], Awaitable[CriteoClient]]
 
 ChunkState = Literal["pending", "claimed", "done", "failed"]
 PushOutcome = Literal["acknowledged", "failed", "deferred", "split", "released", "lease_lost"]
@@ -64,6 +67,7 @@ class Chunk:
     target: Target
     # The size of the stored payload (a UTF-8 JSON array), streamed when sent.
     payload_bytes: int
+    app: str = "default"  # the Criteo app whose credentials and budget send it
 
     @classmethod
     def from_row(cls, row: Any) -> Chunk:
@@ -82,6 +86,7 @@ class Chunk:
             identifier_count=row["identifier_count"],
             target=target,
             payload_bytes=row["payload_bytes"],
+            app=row["app"],
         )
 
 
@@ -129,23 +134,65 @@ class Pusher:
         run_id: int,
         sleep: Sleep = asyncio.sleep,
         stop: asyncio.Event | None = None,
+        clients: ClientSource | None = None,
     ) -> None:
         self._pool = pool
-        self._client = client
+        # One client per Criteo app (Runtime.criteo), opened when a chunk needs it.
+        self._clients: dict[str, CriteoClient] = {client.app: client}
+        self._source = clients
+        self._in_flight: Counter[str] = Counter()
         self._settings = settings
         self._run_id = run_id
         self._sleep = sleep
         self._stop = stop or asyncio.Event()
 
     async def claim(self) -> Chunk | None:
+        """The next chunk to send, of an app that can send now: an app cooling down after
+        a 429, or holding every slot but one per other app, is passed over, so one app's
+        429s or outage never hold up another's chunks."""
+        skip = self._apps_to_skip()
         async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(query("claim_chunk"), self._run_id, self._settings.lease_s)
-        return None if row is None else Chunk.from_row(row)
+            row = await conn.fetchrow(
+                query("claim_chunk"), self._run_id, self._settings.lease_s, skip
+            )
+        if row is None:
+            return None
+        chunk = Chunk.from_row(row)
+        self._in_flight[chunk.app] += 1
+        return chunk
+
+    def _apps_to_skip(self) -> list[str]:
+        apps = self._settings.app_names
+        cap = max(1, self._settings.concurrency - (len(apps) - 1))
+        return [
+            app
+            for app in apps
+            if self._in_flight[app] >= cap
+            or (app in self._clients and self._clients[app].cooldown.remaining_s() > 0)
+        ]
 
     def cooling_down(self) -> bool:
-        """Criteo asked every sender to wait longer than SYNCD_RETRY_MAX_WAIT_S: nothing
-        can be sent before then, so claiming more only to hand it back is pointless."""
-        return self._client.cooldown.remaining_s() > self._settings.retry_max_wait_s
+        """Criteo asked every sender of every app to wait longer than
+        SYNCD_RETRY_MAX_WAIT_S: nothing can be sent before then, so claiming more only to
+        hand it back is pointless."""
+        limit = self._settings.retry_max_wait_s
+        return all(
+            app in self._clients and self._clients[app].cooldown.remaining_s() > limit
+            for app in self._settings.app_names
+        )
+
+    def waiting_for_cooldown(self) -> bool:
+        """An app's chunks are passed over until a short cool-down ends: worth waiting."""
+        limit = self._settings.retry_max_wait_s
+        return any(0 < c.cooldown.remaining_s() <= limit for c in self._clients.values())
+
+    async def _client(self, app: str) -> CriteoClient:
+        client = self._clients.get(app)
+        if client is None:
+            if self._source is None:
+                raise RunAbortingError(f"no Criteo client for app {app!r}", code="unknown-app")
+            client = self._clients[app] = await self._source(app)
+        return client
 
     async def push(self, chunk: Chunk) -> PushOutcome:
         """Send one chunk until acknowledged, failed, deferred or split; return the outcome.
@@ -156,7 +203,7 @@ class Pusher:
         """
         progress = _Progress()
         try:
-            return await self._push(chunk, progress)
+            return await self._push(chunk, progress, await self._client(chunk.app))
         except RunAbortingError:
             raise
         except Exception as exc:
@@ -171,12 +218,14 @@ class Pusher:
             )
             error = CriteoError(f"unexpected error: {type(exc).__name__}", code="unexpected")
             return await self._finish(chunk, "failed", progress, error=error)
+        finally:
+            self._in_flight[chunk.app] -= 1
 
-    async def _push(self, chunk: Chunk, p: _Progress) -> PushOutcome:
+    async def _push(self, chunk: Chunk, p: _Progress, client: CriteoClient) -> PushOutcome:
         body = self._body(chunk)
         wait_s = 0.0
         while True:
-            turn, delay_s = await self._await_turn(wait_s)
+            turn, delay_s = await self._await_turn(client, wait_s)
             if turn == "stop":
                 # Stopping: a chunk waiting for its next attempt goes back untouched.
                 return await self._finish(chunk, "released", p, error=p.last_error)
@@ -189,7 +238,7 @@ class Pusher:
             p.attempts += 1
             try:
                 result = await amend(
-                    self._client,
+                    client,
                     chunk.target,
                     body,
                     f"syncd-chunk-{chunk.id}",
@@ -199,7 +248,7 @@ class Pusher:
                 return await self._lease_lost(chunk, p, None)
             except RetryableError as exc:
                 p.last_error = exc
-                next_wait = self._after_retryable(chunk, exc, p)
+                next_wait = self._after_retryable(client, chunk, exc, p)
                 if next_wait is None:
                     return await self._finish(chunk, "failed", p, error=exc)
                 wait_s = next_wait
@@ -243,11 +292,14 @@ class Pusher:
         )
         return outcome
 
-    async def _await_turn(self, wait_s: float) -> tuple[Literal["send", "defer", "stop"], float]:
+    async def _await_turn(
+        self, client: CriteoClient, wait_s: float
+    ) -> tuple[Literal["send", "defer", "stop"], float]:
         """Wait for the next sending: this chunk's own back-off and the shared cool-down
-        (again if another 429 extended it meanwhile), then the pacer. A wait longer than
-        SYNCD_RETRY_MAX_WAIT_S is not waited: ("defer", its length)."""
-        cooldown = self._client.cooldown
+        (again if another 429 extended it meanwhile), then the pacer (and the cool-down
+        again if a 429 came while it waited). A wait longer than SYNCD_RETRY_MAX_WAIT_S is
+        not waited: ("defer", its length)."""
+        cooldown = client.cooldown
         while True:
             until = cooldown.until
             wait = max(wait_s, cooldown.remaining_s())
@@ -255,12 +307,15 @@ class Pusher:
                 return "defer", wait
             if not await self._pause(wait):
                 return "stop", 0.0
+            if cooldown.until > until:
+                wait_s = 0.0
+                continue
+            until = cooldown.until
+            if not await self._pause(client.pacer.reserve()):
+                return "stop", 0.0
             if cooldown.until <= until:
-                break
+                return "send", 0.0
             wait_s = 0.0
-        if not await self._pause(self._client.pacer.reserve()):
-            return "stop", 0.0
-        return "send", 0.0
 
     async def _before_send(self, chunk: Chunk) -> None:
         """Run right before each sending, a 401's re-send included: a token fetch queued
@@ -286,7 +341,9 @@ class Pusher:
 
         return amendment_body(chunk.target, chunk.operation, chunk.payload_bytes, identifiers)
 
-    def _after_retryable(self, chunk: Chunk, error: RetryableError, p: _Progress) -> float | None:
+    def _after_retryable(
+        self, client: CriteoClient, chunk: Chunk, error: RetryableError, p: _Progress
+    ) -> float | None:
         """The wait before the next attempt, or None when the attempts are used up. A 429
         makes every sender wait as long (the shared cool-down) and is no fault: the API
         says "later", so it never counts towards SYNCD_MAX_ATTEMPTS (a wait past
@@ -295,7 +352,7 @@ class Pusher:
         attempts = p.attempts
         wait_s = retry_wait_s(attempts, error.retry_after_s, s.retry_base_s, s.retry_max_wait_s)
         if error.status == 429:
-            self._client.cooldown.trip(wait_s)
+            client.cooldown.trip(wait_s)
         else:
             p.faults += 1
             if p.faults >= s.max_attempts:

@@ -144,7 +144,7 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
             "syncd segments link KEY --segment-id ID --identifier-type TYPE"
         )
     return table(
-        ["key", "api", "criteo id", "type", "send as", "account", "waiting", "open chunks"],
+        ["key", "api", "criteo id", "type", "send as", "account", "app", "waiting", "open chunks"],
         [
             [
                 s["segment_key"],
@@ -153,6 +153,7 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
                 s["identifier_type"],
                 s["send_as"],
                 s["account_id"],
+                s["app"],
                 s["waiting_changes"],
                 s["open_chunks"],
             ]

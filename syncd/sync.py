@@ -148,7 +148,15 @@ class SyncRun:
         client = await self.runtime.criteo()
         from syncd.push import Pusher  # after the client: aiohttp is imported by then
 
-        pusher = Pusher(self.pool, client, self.settings, self.run_id, self._sleep, self.stop)
+        pusher = Pusher(
+            self.pool,
+            client,
+            self.settings,
+            self.run_id,
+            self._sleep,
+            self.stop,
+            clients=self.runtime.criteo,
+        )
         async with asyncio.TaskGroup() as workers:
             for _ in range(self.settings.concurrency):
                 workers.create_task(self._worker(pusher))
@@ -162,7 +170,7 @@ class SyncRun:
         while not self.stop.is_set() and not pusher.cooling_down():
             chunk = await pusher.claim()
             if chunk is None:
-                if not await self._should_wait():
+                if not await self._should_wait(pusher):
                     await self._notify(self.settings.concurrency)  # the others end too
                     return
                 await self._wait_for_progress()
@@ -180,9 +188,10 @@ class SyncRun:
                 self._in_flight -= 1
                 await self._notify(1)  # it may have unblocked a later plan's chunk
 
-    async def _should_wait(self) -> bool:
-        """Nothing claimable now: wait if more may come (planning, our pushes, other runs)."""
-        if self.planning_s is None or self._in_flight:
+    async def _should_wait(self, pusher: Pusher) -> bool:
+        """Nothing claimable now: wait if more may come (planning, our pushes, an app's
+        short cool-down, other runs)."""
+        if self.planning_s is None or self._in_flight or pusher.waiting_for_cooldown():
             return True
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(query("claimed_elsewhere"), self.run_id))

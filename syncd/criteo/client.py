@@ -78,6 +78,7 @@ class CriteoClient:
         app: str = "default",
     ) -> None:
         self.app = app  # the Criteo app's name: its budget, cool-down and metrics' label
+        self._app = settings.app(app)  # its credentials and ceiling
         self._settings = settings
         self._session = session
         self._clock = clock
@@ -85,7 +86,9 @@ class CriteoClient:
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
         self._deprecation_logged = False
-        self.pacer = Pacer(settings.rate_limit_per_min, clock, app=app)
+        # The app's own ceiling, else the one every app shares; 0: what Criteo says.
+        ceiling = self._app.rate_limit_per_min or settings.rate_limit_per_min
+        self.pacer = Pacer(ceiling, clock, app=app)
         self.cooldown = Cooldown(clock)
 
     @classmethod
@@ -129,8 +132,8 @@ class CriteoClient:
         s = self._settings
         form = {
             "grant_type": "client_credentials",
-            "client_id": s.criteo_client_id,
-            "client_secret": s.criteo_client_secret.reveal(),
+            "client_id": self._app.client_id,
+            "client_secret": self._app.client_secret.reveal(),
         }
         try:
             async with self._session.post(s.token_url, data=form) as resp:
@@ -164,7 +167,7 @@ class CriteoClient:
             code = body.get("error") if isinstance(body, dict) else None
             code = str(code)[:100] if code else None
             raise RunAbortingError(
-                f"Criteo refused the credentials in CRITEO_CLIENT_ID / CRITEO_CLIENT_SECRET "
+                f"Criteo refused the credentials in {self._app.source} "
                 f"(HTTP {status}{', ' + code if code else ''})",
                 status=status,
                 code=code or "token-refused",

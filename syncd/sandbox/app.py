@@ -107,6 +107,7 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
         "applied": False,
         "fault": None,
         "idempotency_key": request.headers.get("Idempotency-Key"),
+        "client_id": state.client_of(request.headers.get("Authorization")),
         "at": time.time(),
     }
     try:

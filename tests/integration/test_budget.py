@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from syncd.sandbox import RunningSandbox
+from syncd import links
+from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from syncd.sync import sync_once
 from tests.integration.test_push import faults, setup_segments, with_env
 
@@ -39,3 +42,72 @@ async def test_the_users_ceiling_caps_what_criteo_allows(
     assert summary.exit_code == 0
     sent = sorted(e["at"] for e in sandbox.state.stats()["log"])
     assert len(sent) == 6 and sent[-1] - sent[0] >= 4 * 0.2
+
+
+# --- several apps ----------------------------------------------------------------------------
+
+BRAND_B = {
+    "CRITEO_APPS": "brand_b",
+    "CRITEO_APP_BRAND_B_CLIENT_ID": "brand-b-id",
+    "CRITEO_APP_BRAND_B_CLIENT_SECRET": "brand-b-secret",
+}
+
+
+@asynccontextmanager
+async def two_apps(env: dict[str, str], **config: Any) -> AsyncIterator[tuple[Any, dict[str, str]]]:
+    """A sandbox that knows the default app and brand_b, and the env for both."""
+    clients = (("brand-b-id", "brand-b-secret"),)
+    async with await start_sandbox(SandboxConfig(clients=clients, **config)) as api:
+        yield api, {**env, **BRAND_B, "CRITEO_API_URL": api.url}
+
+
+async def link_two_apps(conn: Any, api: Any, per_segment: int) -> None:
+    """a0 (app default) and b0 (app brand_b), `per_segment` adds each."""
+    for key, criteo_id, app in (("a0", "2000", "default"), ("b0", "3000", "brand_b")):
+        api.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
+        await links.link(conn, links.Link(key, criteo_id, "email", app=app))
+        await conn.execute(
+            "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+            "SELECT $1, 'user' || g || '@example.com', 'add' FROM generate_series(1, $2) g",
+            key,
+            per_segment,
+        )
+
+
+async def test_each_app_pushes_its_segments_with_its_own_credentials(
+    conn: Any, env: dict[str, str]
+) -> None:
+    async with two_apps(env) as (api, both):
+        await link_two_apps(conn, api, per_segment=20)
+        summary = await sync_once(with_env(both, SYNCD_CHUNK_SIZE="10"))
+        assert (summary.exit_code, summary.chunks_acknowledged) == (0, 4)
+        sent = [(e["segment_id"], e["client_id"]) for e in api.state.stats()["log"]]
+    assert sorted(sent) == [("2000", "sandbox-client")] * 2 + [("3000", "brand-b-id")] * 2
+    audit = await conn.fetch("SELECT DISTINCT segment_key, app FROM syncd.push_audit ORDER BY 1")
+    assert [(r["segment_key"], r["app"]) for r in audit] == [("a0", "default"), ("b0", "brand_b")]
+
+
+async def test_one_apps_429s_never_slow_another(conn: Any, env: dict[str, str]) -> None:
+    """The default app meets a 429 asking for 4 s on its first request; brand_b's chunks
+    go meanwhile, none of its requests refused, instead of queueing behind the default
+    app's cool-down (two senders: each app keeps one)."""
+    async with two_apps(env) as (api, both):
+        await link_two_apps(conn, api, per_segment=30)
+        api.state.faults.update(
+            {"script": [{"status": 429, "retry_after": "4", "segment_id": "2000"}]}
+        )
+        settings = with_env(both, SYNCD_CHUNK_SIZE="10", SYNCD_CONCURRENCY="2")
+        summary = await sync_once(settings)
+        log = api.state.stats()["log"]
+    assert (summary.exit_code, summary.chunks_acknowledged) == (0, 6)
+    default = [e for e in log if e["client_id"] == "sandbox-client"]
+    brand_b = [e for e in log if e["client_id"] == "brand-b-id"]
+    assert [e["status"] for e in brand_b] == [200] * 3
+    refused = next(e for e in default if e["status"] == 429)
+    retried = next(
+        e
+        for e in default
+        if e["idempotency_key"] == refused["idempotency_key"] and e["status"] == 200
+    )
+    # Every brand_b request went while the default app waited out its cool-down.
+    assert max(e["at"] for e in brand_b) < retried["at"]
