@@ -141,6 +141,7 @@ class Pusher:
         self._clients: dict[str, CriteoClient] = {client.app: client}
         self._source = clients
         self._in_flight: Counter[str] = Counter()
+        self._claiming = asyncio.Lock()
         self._settings = settings
         self._run_id = run_id
         self._sleep = sleep
@@ -150,25 +151,30 @@ class Pusher:
         """The next chunk to send, of an app that can send now: an app cooling down after
         a 429, or holding every slot but one per other app, is passed over, so one app's
         429s or outage never hold up another's chunks."""
-        skip = self._apps_to_skip()
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                query("claim_chunk"), self._run_id, self._settings.lease_s, skip
-            )
-        if row is None:
-            return None
-        chunk = Chunk.from_row(row)
-        self._in_flight[chunk.app] += 1
-        return chunk
+        # One claim at a time, so each app's count of chunks in hand is exact when the
+        # next claim decides which apps may have one more (a claim is one short statement).
+        async with self._claiming:
+            apps = self._apps_ready()
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    query("claim_chunk"), self._run_id, self._settings.lease_s, apps
+                )
+            if row is None:
+                return None
+            chunk = Chunk.from_row(row)
+            self._in_flight[chunk.app] += 1
+            return chunk
 
-    def _apps_to_skip(self) -> list[str]:
+    def _apps_ready(self) -> list[str]:
+        """The configured apps that may send now: every app leaves one slot to each other
+        app, and an app cooling down waits without holding any."""
         apps = self._settings.app_names
         cap = max(1, self._settings.concurrency - (len(apps) - 1))
         return [
             app
             for app in apps
-            if self._in_flight[app] >= cap
-            or (app in self._clients and self._clients[app].cooldown.remaining_s() > 0)
+            if self._in_flight[app] < cap
+            and not (app in self._clients and self._clients[app].cooldown.remaining_s() > 0)
         ]
 
     def cooling_down(self) -> bool:
@@ -311,7 +317,7 @@ class Pusher:
                 wait_s = 0.0
                 continue
             until = cooldown.until
-            if not await self._pause(client.pacer.reserve()):
+            if not await self._pause(await client.pacer.acquire()):
                 return "stop", 0.0
             if cooldown.until <= until:
                 return "send", 0.0

@@ -20,6 +20,7 @@ class Status:
     unsendable_chunks: list[Any] = field(default_factory=list)
     waiting_linked: int = 0
     waiting_unlinked: list[Any] = field(default_factory=list)
+    budgets: list[Any] = field(default_factory=list)  # each Criteo app's call budget
 
 
 async def read(conn: Any, runs: int = 5) -> Status:
@@ -31,4 +32,5 @@ async def read(conn: Any, runs: int = 5) -> Status:
         unsendable_chunks=list(await conn.fetch(query("unsendable_chunks"))),
         waiting_linked=await conn.fetchval(query("waiting_linked")),
         waiting_unlinked=list(await conn.fetch(query("waiting_unlinked"))),
+        budgets=list(await conn.fetch(query("budget_use"))),
     )

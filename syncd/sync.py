@@ -59,6 +59,8 @@ class RunSummary:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     # Changes kept in the inbox because their segment key is not linked.
     waiting_unlinked: list[dict[str, Any]] = field(default_factory=list)
+    # Each Criteo app's use of its call budget (shared by every process), and this run's.
+    budgets: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -308,6 +310,7 @@ async def _finish(
     summary.requests = sum(s["requests"] or 0 for s in summary.segments)
     summary.chunks_left = await conn.fetchval(query("chunks_left"))
     summary.waiting_unlinked = [dict(r) for r in await conn.fetch(query("waiting_unlinked"))]
+    summary.budgets = [dict(r) for r in await conn.fetch(query("run_budget_use"), run_id)]
     failures = run.plan_failures if run else []
     summary.plans_failed = len(failures)
     if failures and error is None:

@@ -28,7 +28,7 @@ import aiohttp
 
 from syncd import __version__
 from syncd.config import Settings
-from syncd.criteo.pacing import Cooldown, Pacer
+from syncd.criteo.pacing import Cooldown, Pacer, SharedBudget
 from syncd.daemon.metrics import RATE_LIMITED
 from syncd.errors import (
     PayloadTooLarge,
@@ -76,6 +76,7 @@ class CriteoClient:
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
         app: str = "default",
+        shared: SharedBudget | None = None,
     ) -> None:
         self.app = app  # the Criteo app's name: its budget, cool-down and metrics' label
         self._app = settings.app(app)  # its credentials and ceiling
@@ -88,12 +89,14 @@ class CriteoClient:
         self._deprecation_logged = False
         # The app's own ceiling, else the one every app shares; 0: what Criteo says.
         ceiling = self._app.rate_limit_per_min or settings.rate_limit_per_min
-        self.pacer = Pacer(ceiling, clock, app=app)
+        self.pacer = Pacer(ceiling, clock, app=app, shared=shared)
         self.cooldown = Cooldown(clock)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings, app: str = "default") -> AsyncIterator[CriteoClient]:
+    async def open(
+        cls, settings: Settings, app: str = "default", shared: SharedBudget | None = None
+    ) -> AsyncIterator[CriteoClient]:
         # limit_per_host matches the application's own semaphore: a request never waits
         # inside the connector, where the wait would count against the connect timeout.
         connector = aiohttp.TCPConnector(
@@ -108,7 +111,7 @@ class CriteoClient:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=headers, raise_for_status=False
         ) as session:
-            yield cls(settings, session, app=app)
+            yield cls(settings, session, app=app, shared=shared)
 
     # --- token --------------------------------------------------------------------------
 
@@ -247,7 +250,7 @@ class CriteoClient:
             ) from None
         self._check_deprecation(resp_headers)
         # Every answer (a 429 too) says where the app's budget stands.
-        self.pacer.observe(resp_headers)
+        await self.pacer.learn(resp_headers, status)
         if status == 429:
             RATE_LIMITED.labels(app=self.app).inc()
         if status == 401:

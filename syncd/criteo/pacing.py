@@ -19,18 +19,38 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from syncd.daemon.metrics import BUDGET_CALLS, BUDGET_LIMIT
 
 # Calls are spaced for this share of the limit: evenly spaced calls at the full rate can
-# meet a window's edge or a bucket's jitter one call early.
-PACING_MARGIN = 0.99
-# Calls that may go at once (a bucket that holds a few calls takes them).
-BURST = 2
+# meet a window's edge or a bucket's jitter one call early (at 250 a minute, 248.75: any
+# minute holds at most 249 calls).
+PACING_MARGIN = 0.995
+# Calls that may go at once. One: calls strictly spaced keep a bucket that holds a few
+# calls full, so a call that leaves late and one that leaves on time never overdraw it
+# (a burst at the start would spend that slack for minutes, at a margin of 1 %).
+BURST = 1
 # No budget asks for a wait longer than this: a later reset is a wrong header.
 MAX_HOLD_S = 3600.0
+# x-ratelimit-reset is in whole seconds: a reset this close is no more than rounding.
+NEAR_RESET_S = 1.0
 # Criteo's documented budget for client-credentials apps: assumed until an answer says.
 ASSUMED_PER_MIN = 250
+
+
+class SharedBudget(Protocol):
+    """Where every process's reservations for an app meet (syncd.budget: PostgreSQL)."""
+
+    async def reserve(
+        self, app: str, interval_s: float, tolerance_s: float, per_minute: int | None
+    ) -> float: ...
+
+    async def hold(self, app: str, until_epoch_s: float, tolerance_s: float) -> None: ...
+
+    async def note_limit(self, app: str, per_minute: int | None) -> None: ...
+
+    async def rate_limited(self, app: str) -> None: ...
 
 
 class Cooldown:
@@ -63,7 +83,11 @@ class Pacer:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         app: str = "default",
+        shared: SharedBudget | None = None,
     ) -> None:
+        # With `shared`, every process's calls for this app draw on one budget; without
+        # it (a client on its own, as in unit tests), this process's calls only.
+        self._shared = shared
         self._ceiling = ceiling_per_min  # 0: none of the user's own
         self._limit: int | None = None  # what Criteo said, once it has
         # Until an answer arrives, Criteo's documented budget is assumed; an answer without
@@ -99,9 +123,34 @@ class Pacer:
         self._next = start + interval
         return wait
 
-    def observe(self, headers: Mapping[str, str]) -> None:
+    async def acquire(self) -> float:
+        """Take one call from the app's budget (the shared one when there is one); return
+        how long to wait before making it."""
+        if self._shared is None:
+            return self.reserve()
+        BUDGET_CALLS.labels(app=self._app).inc()
+        interval = self.interval_s()
+        return await self._shared.reserve(
+            self._app, interval, (BURST - 1) * interval, self.per_minute()
+        )
+
+    async def learn(self, headers: Mapping[str, str], status: int) -> None:
+        """`observe`, and tell every process of the app when nothing is left."""
+        before = self.per_minute()
+        reset = self.observe(headers)
+        if self._shared is None:
+            return
+        if self.per_minute() != before:
+            await self._shared.note_limit(self._app, self.per_minute())
+        if reset is not None:
+            until = min(reset, self._wall() + MAX_HOLD_S)
+            await self._shared.hold(self._app, until, (BURST - 1) * self.interval_s())
+        if status == 429:
+            await self._shared.rate_limited(self._app)
+
+    def observe(self, headers: Mapping[str, str]) -> float | None:
         """Learn from an answer's x-ratelimit-* headers: the limit, and, when nothing is
-        left, the reset before which no call is made."""
+        left, the reset before which no call is made (returned, epoch seconds)."""
         limit = _whole(headers.get("x-ratelimit-limit"))
         if limit is not None and limit > 0 and (limit != self._limit or not self._heard):
             self._limit = limit
@@ -112,8 +161,13 @@ class Pacer:
             self._publish()
         if _whole(headers.get("x-ratelimit-remaining")) == 0:
             reset = _whole(headers.get("x-ratelimit-reset"))
-            if reset is not None:
+            # A reset within about a second is a bucket's next call (the header counts in
+            # whole seconds): the pacing's spacing already waits for it. Further off, the
+            # budget is spent until then (a window used up, by other apps' users too).
+            if reset is not None and reset - self._wall() > NEAR_RESET_S + 2 * self.interval_s():
                 self.hold(reset - self._wall())
+                return float(reset)
+        return None
 
     def hold(self, delay_s: float) -> None:
         """No call before `delay_s` from now (the budget is spent until then)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from syncd import links
+from syncd import links, report, status
 from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from syncd.sync import sync_once
 from tests.integration.test_push import faults, setup_segments, with_env
@@ -111,3 +112,42 @@ async def test_one_apps_429s_never_slow_another(conn: Any, env: dict[str, str]) 
     )
     # Every brand_b request went while the default app waited out its cool-down.
     assert max(e["at"] for e in brand_b) < retried["at"]
+
+
+# --- one budget per app, shared by every process ---------------------------------------------
+
+
+async def test_two_runs_pushing_for_one_app_together_stay_within_its_budget(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """Two runs at once (each its own runtime: pool, session, pacer, as two processes
+    have) push one app's chunks against a bucket of 2 calls refilling at 600 a minute.
+    Each alone would pace itself to the whole budget and together overdraw it; sharing
+    the budget through PostgreSQL, the sandbox refuses none of their calls."""
+    await setup_segments(conn, sandbox, count=4, per_segment=80)
+    await faults(sandbox, rate_limit_per_minute=600, rate_limit_mode="bucket", rate_limit_burst=2)
+    settings = with_env(env, SYNCD_CHUNK_SIZE="10", SYNCD_CONCURRENCY="4")
+    first, second = await asyncio.gather(sync_once(settings), sync_once(settings))
+    assert (first.exit_code, second.exit_code) == (0, 0)
+    assert first.chunks_acknowledged + second.chunks_acknowledged == 32
+    assert min(first.chunks_acknowledged, second.chunks_acknowledged) > 0  # both pushed
+    assert statuses(sandbox) == {"200": 32}
+    row = await conn.fetchrow("SELECT calls, limit_per_min FROM syncd.app_budgets")
+    assert (row["calls"], row["limit_per_min"]) == (32, 600)
+
+
+async def test_status_and_the_run_summary_show_each_apps_use_of_its_budget(
+    conn: Any, env: dict[str, str]
+) -> None:
+    async with two_apps(env, rate_limit_per_minute=6000, rate_limit_mode="bucket") as (api, both):
+        await link_two_apps(conn, api, per_segment=20)
+        summary = await sync_once(with_env(both, SYNCD_CHUNK_SIZE="10"))
+    assert summary.exit_code == 0
+    text = report.run_summary(summary)
+    assert "Criteo call budgets" in text, text
+    rows = {b["app"]: b for b in summary.budgets}
+    assert set(rows) == {"default", "brand_b"}
+    for app in rows.values():
+        assert (app["limit_per_min"], app["calls"], app["run_requests"]) == (6000, 2, 2)
+    shown = report.status_text(await status.read(conn))
+    assert "Criteo call budgets" in shown and "brand_b" in shown, shown

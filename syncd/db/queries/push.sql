@@ -7,7 +7,8 @@
 --   and its last heartbeat older than its takeover bound: none of its requests in flight);
 --   and no chunk of an earlier plan of the same segment still open (order per segment);
 --   with a target (a chunk without one can never be sent: passed over, listed by status);
---   and not of an app in $3 (cooling down after a 429, or holding its share of the slots).
+--   and of an app in $3: configured, not cooling down after a 429, not holding its share
+--   of the slots (a chunk of an app no longer configured waits, listed by status).
 -- Returns the chunk, the target it was planned for, and the size of its payload
 -- (streamed by payload_slice). No link is read: a link changed or removed since the
 -- plan neither redirects nor strands a chunk.
@@ -25,7 +26,7 @@ WITH next AS (
           SELECT 1 FROM syncd.chunks e
           WHERE e.segment_key = c.segment_key AND e.plan_id < c.plan_id AND e.state <> 'done'
       )
-      AND c.app <> ALL ($3::text[])
+      AND c.app = ANY ($3::text[])
     ORDER BY c.plan_id, c.id
     LIMIT 1
     FOR UPDATE OF c SKIP LOCKED
