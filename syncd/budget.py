@@ -9,8 +9,6 @@ transaction of its own.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -38,25 +36,21 @@ class SharedBudget:
         return float(wait)
 
     async def hold(self, app: str, until_epoch_s: float, tolerance_s: float) -> None:
-        async with self._bookkeeping(app) as conn:
-            await conn.execute(query("hold_budget"), app, until_epoch_s, tolerance_s)
+        await self._bookkeeping(app, query("hold_budget"), until_epoch_s, tolerance_s)
 
     async def note_limit(self, app: str, per_minute: int | None) -> None:
-        async with self._bookkeeping(app) as conn:
-            await conn.execute(query("note_limit"), app, per_minute)
+        await self._bookkeeping(app, query("note_limit"), per_minute)
 
     async def rate_limited(self, app: str) -> None:
-        async with self._bookkeeping(app) as conn:
-            await conn.execute(query("count_rate_limited"), app)
+        await self._bookkeeping(app, query("count_rate_limited"))
 
-    @contextlib.asynccontextmanager
-    async def _bookkeeping(self, app: str) -> AsyncIterator[Any]:
-        """What an answer taught, for every process: a database error here must not turn
-        an answer Criteo gave into a failed request (the chunk's own finish says whether
-        the database is reachable)."""
+    async def _bookkeeping(self, app: str, statement: str, *args: Any) -> None:
+        """Write what an answer taught, for every process. A database error here must not
+        turn an answer Criteo gave into a failed request (the chunk's own finish says
+        whether the database is reachable): it is logged and dropped."""
         try:
             async with self._pool.acquire() as conn:
-                yield conn
+                await conn.execute(statement, app, *args)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("budget_update_failed", app=app, error_type=type(exc).__name__)
 

@@ -7,7 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from syncd import links, report, status
+from syncd.budget import SharedBudget
+from syncd.db import create_pool
 from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from syncd.sync import sync_once
 from tests.integration.test_push import faults, setup_segments, with_env
@@ -151,3 +155,16 @@ async def test_status_and_the_run_summary_show_each_apps_use_of_its_budget(
         assert (app["limit_per_min"], app["calls"], app["run_requests"]) == (6000, 2, 2)
     shown = report.status_text(await status.read(conn))
     assert "Criteo call budgets" in shown and "brand_b" in shown, shown
+
+
+async def test_budget_bookkeeping_never_turns_an_answer_into_an_error(settings: Any) -> None:
+    """What an answer taught (a hold, a new limit, a 429) is written for every process;
+    with the database gone it is logged and dropped, never raised over Criteo's answer."""
+    pool = await create_pool(settings)
+    budget = SharedBudget(pool)
+    await pool.close()
+    with capture_logs() as logs:
+        await budget.hold("default", 2_000_000_000.0, 0.0)
+        await budget.note_limit("default", 250)
+        await budget.rate_limited("default")
+    assert [(e["event"], e["log_level"]) for e in logs] == [("budget_update_failed", "warning")] * 3
