@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--account-id", help="Criteo account (Retail Media) or advertiser id")
     ln.add_argument("--gum-caller-id", type=_ascii_int, help="required for identifier type gum")
     ln.add_argument(
+        "--app",
+        default="default",
+        help="the Criteo app (CRITEO_APPS) whose credentials and budget push this segment",
+    )
+    ln.add_argument(
         "--send-as",
         default="sha256",
         help="sha256 (default: emails and phones hashed) or plain (sent normalised, unhashed)",
@@ -79,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--fault-rate-429", type=float, default=0.0)
     sb.add_argument("--fault-rate-drop", type=float, default=0.0)
     sb.add_argument("--token-ttl-s", type=int, default=900)
+    sb.add_argument(
+        "--rate-limit-per-min",
+        type=_ascii_int,
+        help="enforce a call budget per app (client id), e.g. 250 as Criteo does",
+    )
+    sb.add_argument(
+        "--rate-limit-mode",
+        choices=("window", "bucket"),
+        default="window",
+        help="a fixed one-minute window, or a bucket refilling continuously (--rate-limit-burst)",
+    )
+    sb.add_argument(
+        "--rate-limit-burst", type=_ascii_int, default=4, help="calls a full bucket holds"
+    )
+    sb.add_argument(
+        "--rate-limit-retry-after",
+        action="store_true",
+        help="send Retry-After on a 429 (Criteo does not document it: off by default)",
+    )
     sb.add_argument(
         "--segment",
         action="append",
@@ -221,7 +245,25 @@ def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
         fault_rate_drop=args.fault_rate_drop,
         token_ttl_s=args.token_ttl_s,
         segments=tuple(args.segment),
+        rate_limit_per_minute=args.rate_limit_per_min or None,
+        rate_limit_mode=args.rate_limit_mode,
+        rate_limit_burst=max(1, args.rate_limit_burst),
+        rate_limit_retry_after=args.rate_limit_retry_after,
+        clients=_sandbox_clients(),
     )
+
+
+def _sandbox_clients() -> tuple[tuple[str, str], ...]:
+    """The apps named in CRITEO_APPS whose credentials are set: the sandbox accepts them
+    too, each with its own budget (read from the environment, never from argv)."""
+    clients = []
+    for name in os.environ.get("CRITEO_APPS", "").split(","):
+        prefix = f"CRITEO_APP_{name.strip().upper()}_"
+        client_id = os.environ.get(prefix + "CLIENT_ID", "").strip()
+        secret = os.environ.get(prefix + "CLIENT_SECRET", "").strip()
+        if name.strip() and client_id and secret:
+            clients.append((client_id, secret))
+    return tuple(clients)
 
 
 def _announce_sandbox(url: str, config: SandboxConfig) -> None:
@@ -266,7 +308,7 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             plans = await plan.preview(conn, settings.chunk_size)
             print(report.plan_table(plans, settings.chunk_size))
             return 0
-        return await _segments(conn, args)
+        return await _segments(conn, args, settings)
     finally:
         await conn.close()
 
@@ -283,7 +325,7 @@ async def _check(conn: Any) -> int:
     return 1 if problem else 0
 
 
-async def _segments(conn: Any, args: argparse.Namespace) -> int:
+async def _segments(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     if args.segments_command == "list":
         print(report.links_table(await links.list_links(conn)))
         return 0
@@ -291,6 +333,11 @@ async def _segments(conn: Any, args: argparse.Namespace) -> int:
         dropped = await links.unlink(conn, args.key, force=args.force)
         print(f"unlinked {args.key}" + (f" (dropped {dropped} unsent chunk(s))" if dropped else ""))
         return 0
+    if args.app not in settings.app_names:
+        raise UsageError(
+            f"--app {args.app!r} is not a configured Criteo app; the apps are "
+            f"{', '.join(settings.app_names)} (name more in CRITEO_APPS)"
+        )
     outcome = await links.link(
         conn,
         links.Link(
@@ -301,6 +348,7 @@ async def _segments(conn: Any, args: argparse.Namespace) -> int:
             send_as=args.send_as,
             account_id=args.account_id,
             gum_caller_id=args.gum_caller_id,
+            app=args.app,
         ),
         force=args.force,
     )

@@ -36,6 +36,13 @@ DEFAULT_WINDOWS = (dt.time(0, 0), dt.time(12, 0))
 # its network namespace; SYNCD_HTTP_HOST=127.0.0.1 keeps the server local.
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104
 _HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+# Criteo app names (CRITEO_APPS): lower-case letters, digits and underscores.
+_APP_NAME = re.compile(r"[a-z0-9_]+")
+DEFAULT_APP = "default"  # the app of CRITEO_CLIENT_ID / CRITEO_CLIENT_SECRET
+# Each app named in CRITEO_APPS reads these, <NAME> being its name upper-cased.
+APP_CLIENT_ID = "CRITEO_APP_<NAME>_CLIENT_ID"
+APP_CLIENT_SECRET = "CRITEO_APP_<NAME>_CLIENT_SECRET"  # noqa: S105 - a variable's name
+APP_RATE_LIMIT = "CRITEO_APP_<NAME>_RATE_LIMIT_PER_MIN"
 _ENCODE_HINT = "percent-encode reserved characters (/ ? # @ : %) in the user name and password"
 
 
@@ -63,6 +70,19 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class CriteoApp:
+    """One Criteo app: its credentials and its own ceiling on calls per minute (0: only
+    SYNCD_RATE_LIMIT_PER_MIN and what Criteo says). Each has its own token and budget."""
+
+    name: str
+    client_id: str
+    client_secret: Secret
+    rate_limit_per_min: int = 0
+    # The variables its credentials come from, for messages (never their values).
+    source: str = "CRITEO_CLIENT_ID / CRITEO_CLIENT_SECRET"
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: Secret
     criteo_client_id: str
@@ -73,7 +93,7 @@ class Settings:
     chunk_size: int = MAX_CHUNK_SIZE
     plan_concurrency: int = 2
     http_timeout_s: float = 60.0
-    rate_limit_per_min: int = 240
+    rate_limit_per_min: int = 0  # a ceiling of the user's own; 0: what Criteo says
     max_attempts: int = 5
     retry_base_s: float = 0.5
     retry_max_wait_s: float = 30.0
@@ -88,10 +108,28 @@ class Settings:
     shutdown_grace_s: float = 20.0  # below Kubernetes' default 30 s termination grace
     http_host: str = ALL_INTERFACES
     http_port: int = 8080  # 0: no HTTP server
+    # -- more Criteo apps than the default one (CRITEO_APPS) --
+    criteo_apps: tuple[CriteoApp, ...] = ()
 
     @property
     def token_url(self) -> str:
         return f"{self.criteo_api_url}/oauth2/token"
+
+    @property
+    def app_names(self) -> tuple[str, ...]:
+        return (DEFAULT_APP, *(app.name for app in self.criteo_apps))
+
+    def app(self, name: str = DEFAULT_APP) -> CriteoApp:
+        """One Criteo app by name; ConfigError when no such app is configured."""
+        if name == DEFAULT_APP:
+            return CriteoApp(DEFAULT_APP, self.criteo_client_id, self.criteo_client_secret)
+        for app in self.criteo_apps:
+            if app.name == name:
+                return app
+        raise ConfigError(
+            f"no Criteo app named {name!r}: the apps are {', '.join(self.app_names)} "
+            "(name more in CRITEO_APPS)"
+        )
 
     @classmethod
     def from_env(
@@ -115,7 +153,7 @@ class Settings:
             chunk_size=_get(e, "SYNCD_CHUNK_SIZE", _int_in(1, MAX_CHUNK_SIZE), MAX_CHUNK_SIZE),
             plan_concurrency=_get(e, "SYNCD_PLAN_CONCURRENCY", _int_in(1, 16), default=2),
             http_timeout_s=_get(e, "SYNCD_HTTP_TIMEOUT_S", _float_in(0.1, 600), default=60.0),
-            rate_limit_per_min=_get(e, "SYNCD_RATE_LIMIT_PER_MIN", _int_in(0, 100_000), 240),
+            rate_limit_per_min=_get(e, "SYNCD_RATE_LIMIT_PER_MIN", _int_in(0, 100_000), 0),
             max_attempts=_get(e, "SYNCD_MAX_ATTEMPTS", _int_in(1, 100), default=5),
             retry_base_s=_get(e, "SYNCD_RETRY_BASE_S", _float_in(0, 60), default=0.5),
             retry_max_wait_s=_get(e, "SYNCD_RETRY_MAX_WAIT_S", _float_in(0, 3600), default=30.0),
@@ -129,6 +167,7 @@ class Settings:
             shutdown_grace_s=_get(e, "SYNCD_SHUTDOWN_GRACE_S", _float_in(0, 3600), default=20.0),
             http_host=_get(e, "SYNCD_HTTP_HOST", _host, default=ALL_INTERFACES),
             http_port=_get(e, "SYNCD_HTTP_PORT", _int_in(0, 65535), default=8080),
+            criteo_apps=_apps(e),
         )
         if settings.lease_s < settings.http_timeout_s * 2:
             raise ConfigError(
@@ -275,3 +314,33 @@ def _host(raw: str) -> str:
         if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", raw):
             return raw
         raise ValueError(f"{raw!r} is not an IP address or host name to listen on") from None
+
+
+def _apps(env: Mapping[str, str]) -> tuple[CriteoApp, ...]:
+    """The apps CRITEO_APPS names, each with its credentials (required, whatever the
+    command: an app named without them is a mistake to report at once)."""
+    names = [n.strip() for n in env.get("CRITEO_APPS", "").split(",") if n.strip()]
+    apps: list[CriteoApp] = []
+    for name in names:
+        if not _APP_NAME.fullmatch(name):
+            raise ConfigError(
+                f"CRITEO_APPS: {name!r} is not an app name (lower-case letters, digits and "
+                "underscores, such as brand_b)"
+            )
+        if name == DEFAULT_APP or name in (app.name for app in apps):
+            why = "is the app of CRITEO_CLIENT_ID" if name == DEFAULT_APP else "is named twice"
+            raise ConfigError(f"CRITEO_APPS: {name!r} {why}")
+        id_var, secret_var, limit_var = (
+            v.replace("<NAME>", name.upper())
+            for v in (APP_CLIENT_ID, APP_CLIENT_SECRET, APP_RATE_LIMIT)
+        )
+        apps.append(
+            CriteoApp(
+                name=name,
+                client_id=_get(env, id_var, str, required=True),
+                client_secret=Secret(_get(env, secret_var, str, required=True)),
+                rate_limit_per_min=_get(env, limit_var, _int_in(0, 100_000), default=0),
+                source=f"{id_var} / {secret_var}",
+            )
+        )
+    return tuple(apps)

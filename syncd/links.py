@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from syncd.config import DEFAULT_APP
 from syncd.db import query
 from syncd.errors import UsageError
 from syncd.identifiers import APIS, MARKETING_SOLUTIONS, SEND_AS, WHITESPACE, parse_type
 
 # Criteo's gumCallerId is a 32-bit integer; an advertiser's caller id is positive.
 GUM_CALLER_ID_MAX = 2**31 - 1
+
+_APP_NAME = re.compile(r"[a-z0-9_]+")
 
 LinkAction = Literal["linked", "updated", "unchanged"]
 
@@ -26,6 +30,7 @@ class Link:
     send_as: str = "sha256"
     account_id: str | None = None
     gum_caller_id: int | None = None
+    app: str = DEFAULT_APP  # the Criteo app whose credentials and budget push its chunks
 
 
 def validate(link: Link) -> Link:
@@ -47,6 +52,10 @@ def validate(link: Link) -> Link:
     if not (link.criteo_segment_id.isascii() and link.criteo_segment_id.isdigit()):
         raise UsageError(
             f"--segment-id must be Criteo's numeric segment id, not {link.criteo_segment_id!r}"
+        )
+    if not _APP_NAME.fullmatch(link.app):
+        raise UsageError(
+            f"--app {link.app!r} is not an app name (lower-case letters, digits, underscores)"
         )
     if link.send_as not in SEND_AS:
         raise UsageError(f"--send-as must be one of {', '.join(SEND_AS)}")
@@ -76,6 +85,8 @@ class LinkOutcome:
     @property
     def summary(self) -> str:
         target = f"{self.link.api} segment {self.link.criteo_segment_id}"
+        if self.link.app != DEFAULT_APP:
+            target += f" (app {self.link.app})"
         if self.action == "unchanged":
             return f"{self.link.segment_key} already links to {target}"
         said = f"{self.action} {self.link.segment_key} -> {target}"
@@ -100,6 +111,7 @@ async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
         new.send_as,
         new.account_id,
         new.gum_caller_id,
+        new.app,
     )
     async with conn.transaction():
         # Locked first: a plan of this key in progress finishes, and its chunks count.
@@ -124,6 +136,7 @@ async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
             new.criteo_segment_id,
             new.account_id,
             new.gum_caller_id,
+            new.app,
         ):
             return LinkOutcome("unchanged", new, open_chunks, described)
         if open_chunks and not force:
@@ -139,7 +152,13 @@ async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
 
 
 def _target_of(row: Any) -> tuple[Any, ...]:
-    return (row["api"], row["criteo_segment_id"], row["account_id"], row["gum_caller_id"])
+    return (
+        row["api"],
+        row["criteo_segment_id"],
+        row["account_id"],
+        row["gum_caller_id"],
+        row["app"],
+    )
 
 
 def _describe(target: Any) -> str:
@@ -148,6 +167,8 @@ def _describe(target: Any) -> str:
         said += f" (account {target['account_id']})"
     if target["gum_caller_id"] is not None:
         said += f" (gumCallerId {target['gum_caller_id']})"
+    if target["app"] not in (None, DEFAULT_APP):
+        said += f" (app {target['app']})"
     return said
 
 

@@ -105,6 +105,7 @@ async def _plan(conn: Any, run_id: int, link: Any, chunk_size: int) -> SegmentPl
         link["criteo_segment_id"],
         link["account_id"],
         link["gum_caller_id"],
+        link["app"],
     )
     plan = SegmentPlan(
         segment_key=segment_key,

@@ -17,6 +17,7 @@ import json
 import random
 import time
 import traceback
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,13 +25,7 @@ from typing import Any, Literal
 
 from syncd.config import Settings
 from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amend, amendment_body
-from syncd.daemon.metrics import (
-    CHUNKS_PUSHED,
-    IDENTIFIERS_INVALID,
-    IDENTIFIERS_SENT,
-    IDENTIFIERS_VALID,
-    REQUEST_RETRIES,
-)
+from syncd.daemon import metrics
 from syncd.db import query
 from syncd.errors import (
     CriteoError,
@@ -44,6 +39,8 @@ from syncd.logging import get_logger
 log = get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+# The client of a Criteo app by name (Runtime.criteo).
+ClientSource = Callable[[str], Awaitable[CriteoClient]]
 
 ChunkState = Literal["pending", "claimed", "done", "failed"]
 PushOutcome = Literal["acknowledged", "failed", "deferred", "split", "released", "lease_lost"]
@@ -71,6 +68,7 @@ class Chunk:
     target: Target
     # The size of the stored payload (a UTF-8 JSON array), streamed when sent.
     payload_bytes: int
+    app: str = "default"  # the Criteo app whose credentials and budget send it
 
     @classmethod
     def from_row(cls, row: Any) -> Chunk:
@@ -89,6 +87,7 @@ class Chunk:
             identifier_count=row["identifier_count"],
             target=target,
             payload_bytes=row["payload_bytes"],
+            app=row["app"],
         )
 
 
@@ -120,7 +119,8 @@ class _Progress:
 
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     clock: float = field(default_factory=time.monotonic)
-    attempts: int = 0
+    attempts: int = 0  # sendings, 429s included: what the audit row counts
+    faults: int = 0  # real faults only (5xx, timeouts, dropped connections): the cap's count
     last_error: CriteoError | None = None
 
 
@@ -135,23 +135,71 @@ class Pusher:
         run_id: int,
         sleep: Sleep = asyncio.sleep,
         stop: asyncio.Event | None = None,
+        clients: ClientSource | None = None,
     ) -> None:
         self._pool = pool
-        self._client = client
+        # One client per Criteo app (Runtime.criteo), opened when a chunk needs it.
+        self._clients: dict[str, CriteoClient] = {client.app: client}
+        self._source = clients
+        self._in_flight: Counter[str] = Counter()
+        self._claiming = asyncio.Lock()
         self._settings = settings
         self._run_id = run_id
         self._sleep = sleep
         self._stop = stop or asyncio.Event()
 
     async def claim(self) -> Chunk | None:
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(query("claim_chunk"), self._run_id, self._settings.lease_s)
-        return None if row is None else Chunk.from_row(row)
+        """The next chunk to send, of an app that can send now: an app cooling down after
+        a 429, or holding every slot but one per other app, is passed over, so one app's
+        429s or outage never hold up another's chunks."""
+        # One claim at a time, so each app's count of chunks in hand is exact when the
+        # next claim decides which apps may have one more (a claim is one short statement).
+        async with self._claiming:
+            apps = self._apps_ready()
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    query("claim_chunk"), self._run_id, self._settings.lease_s, apps
+                )
+            if row is None:
+                return None
+            chunk = Chunk.from_row(row)
+            self._in_flight[chunk.app] += 1
+            return chunk
+
+    def _apps_ready(self) -> list[str]:
+        """The configured apps that may send now: every app leaves one slot to each other
+        app, and an app cooling down waits without holding any."""
+        apps = self._settings.app_names
+        cap = max(1, self._settings.concurrency - (len(apps) - 1))
+        return [
+            app
+            for app in apps
+            if self._in_flight[app] < cap
+            and not (app in self._clients and self._clients[app].cooldown.remaining_s() > 0)
+        ]
 
     def cooling_down(self) -> bool:
-        """Criteo asked every sender to wait longer than SYNCD_RETRY_MAX_WAIT_S: nothing
-        can be sent before then, so claiming more only to hand it back is pointless."""
-        return self._client.cooldown.remaining_s() > self._settings.retry_max_wait_s
+        """Criteo asked every sender of every app to wait longer than
+        SYNCD_RETRY_MAX_WAIT_S: nothing can be sent before then, so claiming more only to
+        hand it back is pointless."""
+        limit = self._settings.retry_max_wait_s
+        return all(
+            app in self._clients and self._clients[app].cooldown.remaining_s() > limit
+            for app in self._settings.app_names
+        )
+
+    def waiting_for_cooldown(self) -> bool:
+        """An app's chunks are passed over until a short cool-down ends: worth waiting."""
+        limit = self._settings.retry_max_wait_s
+        return any(0 < c.cooldown.remaining_s() <= limit for c in self._clients.values())
+
+    async def _client(self, app: str) -> CriteoClient:
+        client = self._clients.get(app)
+        if client is None:
+            if self._source is None:
+                raise RunAbortingError(f"no Criteo client for app {app!r}", code="unknown-app")
+            client = self._clients[app] = await self._source(app)
+        return client
 
     async def push(self, chunk: Chunk) -> PushOutcome:
         """Send one chunk until acknowledged, failed, deferred or split; return the outcome.
@@ -162,7 +210,7 @@ class Pusher:
         """
         progress = _Progress()
         try:
-            return await self._push(chunk, progress)
+            return await self._push(chunk, progress, await self._client(chunk.app))
         except RunAbortingError:
             raise
         except Exception as exc:
@@ -177,12 +225,14 @@ class Pusher:
             )
             error = CriteoError(f"unexpected error: {type(exc).__name__}", code="unexpected")
             return await self._finish(chunk, "failed", progress, error=error)
+        finally:
+            self._in_flight[chunk.app] -= 1
 
-    async def _push(self, chunk: Chunk, p: _Progress) -> PushOutcome:
+    async def _push(self, chunk: Chunk, p: _Progress, client: CriteoClient) -> PushOutcome:
         body = self._body(chunk)
         wait_s = 0.0
         while True:
-            turn, delay_s = await self._await_turn(wait_s)
+            turn, delay_s = await self._await_turn(client, wait_s)
             if turn == "stop":
                 # Stopping: a chunk waiting for its next attempt goes back untouched.
                 return await self._finish(chunk, "released", p, error=p.last_error)
@@ -195,7 +245,7 @@ class Pusher:
             p.attempts += 1
             try:
                 result = await amend(
-                    self._client,
+                    client,
                     chunk.target,
                     body,
                     f"syncd-chunk-{chunk.id}",
@@ -205,7 +255,7 @@ class Pusher:
                 return await self._lease_lost(chunk, p, None)
             except RetryableError as exc:
                 p.last_error = exc
-                next_wait = self._after_retryable(chunk, exc, p.attempts)
+                next_wait = self._after_retryable(client, chunk, exc, p)
                 if next_wait is None:
                     return await self._finish(chunk, "failed", p, error=exc)
                 wait_s = next_wait
@@ -236,7 +286,9 @@ class Pusher:
             return await self._finish(chunk, "failed", p, result, error)
         outcome = await self._finish(chunk, "acknowledged", p, result)
         if outcome == "acknowledged":
-            _count_acknowledged(chunk, result)
+            metrics.count_acknowledged(
+                chunk.segment_key, chunk.operation, chunk.identifier_count, result
+            )
         log.info(
             "chunk_pushed",
             chunk_id=chunk.id,
@@ -251,11 +303,14 @@ class Pusher:
         )
         return outcome
 
-    async def _await_turn(self, wait_s: float) -> tuple[Literal["send", "defer", "stop"], float]:
+    async def _await_turn(
+        self, client: CriteoClient, wait_s: float
+    ) -> tuple[Literal["send", "defer", "stop"], float]:
         """Wait for the next sending: this chunk's own back-off and the shared cool-down
-        (again if another 429 extended it meanwhile), then the pacer. A wait longer than
-        SYNCD_RETRY_MAX_WAIT_S is not waited: ("defer", its length)."""
-        cooldown = self._client.cooldown
+        (again if another 429 extended it meanwhile), then the pacer (and the cool-down
+        again if a 429 came while it waited). A wait longer than SYNCD_RETRY_MAX_WAIT_S is
+        not waited: ("defer", its length)."""
+        cooldown = client.cooldown
         while True:
             until = cooldown.until
             wait = max(wait_s, cooldown.remaining_s())
@@ -263,12 +318,15 @@ class Pusher:
                 return "defer", wait
             if not await self._pause(wait):
                 return "stop", 0.0
+            if cooldown.until > until:
+                wait_s = 0.0
+                continue
+            until = cooldown.until
+            if not await self._pause(await client.pacer.acquire()):
+                return "stop", 0.0
             if cooldown.until <= until:
-                break
+                return "send", 0.0
             wait_s = 0.0
-        if not await self._pause(self._client.pacer.reserve()):
-            return "stop", 0.0
-        return "send", 0.0
 
     async def _before_send(self, chunk: Chunk) -> None:
         """Run right before each sending, a 401's re-send included: a token fetch queued
@@ -294,18 +352,25 @@ class Pusher:
 
         return amendment_body(chunk.target, chunk.operation, chunk.payload_bytes, identifiers)
 
-    def _after_retryable(self, chunk: Chunk, error: RetryableError, attempts: int) -> float | None:
+    def _after_retryable(
+        self, client: CriteoClient, chunk: Chunk, error: RetryableError, p: _Progress
+    ) -> float | None:
         """The wait before the next attempt, or None when the attempts are used up. A 429
-        makes every sender wait as long (the shared cool-down)."""
+        makes every sender wait as long (the shared cool-down) and is no fault: the API
+        says "later", so it never counts towards SYNCD_MAX_ATTEMPTS (a wait past
+        SYNCD_RETRY_MAX_WAIT_S defers the chunk instead)."""
         s = self._settings
+        attempts = p.attempts
         wait_s = retry_wait_s(attempts, error.retry_after_s, s.retry_base_s, s.retry_max_wait_s)
         if error.status == 429:
-            self._client.cooldown.trip(wait_s)
-        if attempts >= s.max_attempts:
-            return None
+            client.cooldown.trip(wait_s)
+        else:
+            p.faults += 1
+            if p.faults >= s.max_attempts:
+                return None
         if wait_s <= s.retry_max_wait_s:  # longer: deferred (logged as not acknowledged)
             if error.status != 429:  # a 429 is counted as rate limited, not as a fault
-                REQUEST_RETRIES.labels(self._client.app, _retry_reason(error)).inc()
+                metrics.count_retry(chunk.app, error)
             log.info(
                 "chunk_retry",
                 chunk_id=chunk.id,
@@ -377,7 +442,7 @@ class Pusher:
             )
         if audit_id is None:
             return await self._lease_lost(chunk, p, result)
-        CHUNKS_PUSHED.labels(self._client.app, outcome).inc()
+        metrics.CHUNKS_PUSHED.labels(chunk.app, outcome).inc()
         if outcome != "acknowledged":
             log.warning(
                 "chunk_not_acknowledged",
@@ -408,7 +473,7 @@ class Pusher:
             )
         if audit_id is None:
             return await self._lease_lost(chunk, p, None)
-        CHUNKS_PUSHED.labels(self._client.app, "split").inc()
+        metrics.CHUNKS_PUSHED.labels(chunk.app, "split").inc()
         log.warning(
             "chunk_split", chunk_id=chunk.id, segment_key=chunk.segment_key, status=error.status
         )
@@ -426,27 +491,6 @@ class Pusher:
                 p.attempts,
                 p.started,
             )
-        CHUNKS_PUSHED.labels(self._client.app, "lease_lost").inc()
+        metrics.CHUNKS_PUSHED.labels(chunk.app, "lease_lost").inc()
         log.warning("chunk_lease_lost", chunk_id=chunk.id, segment_key=chunk.segment_key)
         return "lease_lost"
-
-
-RetryReason = Literal["server_error", "timeout", "connection", "other"]
-
-
-def _retry_reason(error: RetryableError) -> RetryReason:
-    """The `reason` label of a fault retry: a few fixed words, never Criteo's text."""
-    if error.status is None and error.code in ("timeout", "connection"):
-        return "timeout" if error.code == "timeout" else "connection"  # no answer at all
-    if error.status == 408:
-        return "timeout"
-    if error.status is not None and error.status >= 500:
-        return "server_error"
-    return "other"  # an unreadable token answer, say
-
-
-def _count_acknowledged(chunk: Chunk, result: AmendmentResult) -> None:
-    """Identifiers sent and Criteo's counts, by segment KEY (never an identifier)."""
-    IDENTIFIERS_SENT.labels(chunk.segment_key, chunk.operation).inc(chunk.identifier_count)
-    IDENTIFIERS_VALID.labels(chunk.segment_key).inc(result.nb_valid or 0)
-    IDENTIFIERS_INVALID.labels(chunk.segment_key).inc(result.nb_invalid or 0)

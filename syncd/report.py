@@ -65,6 +65,9 @@ def run_summary(summary: RunSummary) -> str:
         parts.append("nothing to send")
     if summary.waiting_unlinked:
         parts.append(_waiting_unlinked(summary.waiting_unlinked))
+    if summary.budgets:
+        parts.append("Criteo call budgets (each app's, shared by every process):")
+        parts.append(budgets_table(summary.budgets, this_run=True))
     if summary.rejected:
         parts.append("rejected identifiers (never sent; see syncd.rejected_identifiers):")
         parts.append(
@@ -144,7 +147,7 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
             "syncd segments link KEY --segment-id ID --identifier-type TYPE"
         )
     return table(
-        ["key", "api", "criteo id", "type", "send as", "account", "waiting", "open chunks"],
+        ["key", "api", "criteo id", "type", "send as", "account", "app", "waiting", "open chunks"],
         [
             [
                 s["segment_key"],
@@ -153,6 +156,7 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
                 s["identifier_type"],
                 s["send_as"],
                 s["account_id"],
+                s["app"],
                 s["waiting_changes"],
                 s["open_chunks"],
             ]
@@ -178,6 +182,9 @@ def status_text(s: Status) -> str:
         else "  none"
     )
     parts += _failed_and_unsendable(s)
+    if s.budgets:
+        parts.append("Criteo call budgets (each app's, shared by every process):")
+        parts.append(budgets_table(s.budgets))
     return "\n".join(parts + _waiting(s))
 
 
@@ -215,6 +222,28 @@ def check_line(run: Any) -> tuple[bool, str]:
     if run["made_window"] is False:
         return True, f"the last run ({run['id']}) ended after its window ({window} UTC)"
     return False, f"ok: last run {run['id']} succeeded and made its window ({window} UTC)"
+
+
+def budgets_table(budgets: Sequence[Any], *, this_run: bool = False) -> str:
+    """Each app: its limit, the calls reserved in the current minute, all calls, 429s."""
+    header = ["app", "limit/min", "this minute", "calls", "429s"]
+    rows = [
+        [
+            b["app"],
+            b["limit_per_min"] or "none",
+            f"{b['calls_this_minute']}"
+            + (
+                f" ({100 * b['calls_this_minute'] // b['limit_per_min']} %)"
+                if b["limit_per_min"]
+                else ""
+            ),
+            b["calls"],
+            b["rate_limited"],
+        ]
+        + ([b["run_requests"]] if this_run else [])
+        for b in budgets
+    ]
+    return table(header + (["this run"] if this_run else []), rows)
 
 
 def _failed_and_unsendable(s: Status) -> list[str]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from syncd import db
+from syncd.budget import SharedBudget
 from syncd.config import Settings
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class Runtime:
             client = self._clients.get(app)
             if client is None:
                 client_class = await asyncio.to_thread(_client_class)
-                client = await self._stack.enter_async_context(client_class.open(self.settings))
+                # Its budget is shared with every process through the database.
+                opening = client_class.open(self.settings, app, SharedBudget(self.pool))
+                client = await self._stack.enter_async_context(opening)
                 self._clients[app] = client
             return client

@@ -31,6 +31,7 @@ class Status:
     next_window: dt.datetime | None = None
     now: dt.datetime | None = None
     missed_windows: list[Any] = field(default_factory=list)
+    budgets: list[Any] = field(default_factory=list)  # each Criteo app's call budget
 
 
 async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WINDOWS) -> Status:
@@ -48,6 +49,7 @@ async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WI
         missed_windows=list(
             await conn.fetch(query("missed_windows"), MISSED_WINDOWS_DAYS, MISSED_WINDOWS_SHOWN)
         ),
+        budgets=list(await conn.fetch(query("budget_use"))),
     )
 
 

@@ -59,6 +59,8 @@ class RunSummary:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     # Changes kept in the inbox because their segment key is not linked.
     waiting_unlinked: list[dict[str, Any]] = field(default_factory=list)
+    # Each Criteo app's use of its call budget (shared by every process), and this run's.
+    budgets: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -148,7 +150,15 @@ class SyncRun:
         client = await self.runtime.criteo()
         from syncd.push import Pusher  # after the client: aiohttp is imported by then
 
-        pusher = Pusher(self.pool, client, self.settings, self.run_id, self._sleep, self.stop)
+        pusher = Pusher(
+            self.pool,
+            client,
+            self.settings,
+            self.run_id,
+            self._sleep,
+            self.stop,
+            clients=self.runtime.criteo,
+        )
         async with asyncio.TaskGroup() as workers:
             for _ in range(self.settings.concurrency):
                 workers.create_task(self._worker(pusher))
@@ -162,7 +172,7 @@ class SyncRun:
         while not self.stop.is_set() and not pusher.cooling_down():
             chunk = await pusher.claim()
             if chunk is None:
-                if not await self._should_wait():
+                if not await self._should_wait(pusher):
                     await self._notify(self.settings.concurrency)  # the others end too
                     return
                 await self._wait_for_progress()
@@ -180,9 +190,10 @@ class SyncRun:
                 self._in_flight -= 1
                 await self._notify(1)  # it may have unblocked a later plan's chunk
 
-    async def _should_wait(self) -> bool:
-        """Nothing claimable now: wait if more may come (planning, our pushes, other runs)."""
-        if self.planning_s is None or self._in_flight:
+    async def _should_wait(self, pusher: Pusher) -> bool:
+        """Nothing claimable now: wait if more may come (planning, our pushes, an app's
+        short cool-down, other runs)."""
+        if self.planning_s is None or self._in_flight or pusher.waiting_for_cooldown():
             return True
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(query("claimed_elsewhere"), self.run_id))
@@ -342,6 +353,7 @@ async def _tally(conn: Any, summary: RunSummary, run: SyncRun | None) -> RunSumm
     summary.requests = sum(s["requests"] or 0 for s in summary.segments)
     summary.chunks_left = await conn.fetchval(query("chunks_left"))
     summary.waiting_unlinked = [dict(r) for r in await conn.fetch(query("waiting_unlinked"))]
+    summary.budgets = [dict(r) for r in await conn.fetch(query("run_budget_use"), run_id)]
     failures = run.plan_failures if run else []
     summary.plans_failed = len(failures)
     if failures and summary.error is None:

@@ -147,6 +147,9 @@ def env(database_url: str, sandbox: RunningSandbox) -> dict[str, str]:
         "SYNCD_LEASE_S": "30",
         # No HTTP server unless a test asks for one (on a free port): daemons run side by side.
         "SYNCD_HTTP_PORT": "0",
+        # No ceiling of the user's own: pacing follows what the sandbox says (when it
+        # enforces a budget), and the many tests that do not need one run unpaced.
+        "SYNCD_RATE_LIMIT_PER_MIN": "0",
     }
 
 

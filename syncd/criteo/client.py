@@ -28,8 +28,8 @@ import aiohttp
 
 from syncd import __version__
 from syncd.config import Settings
-from syncd.criteo.pacing import Cooldown, Pacer
-from syncd.daemon.metrics import API_SUNSET, REQUEST_SECONDS
+from syncd.criteo.pacing import Cooldown, Pacer, SharedBudget
+from syncd.daemon.metrics import API_SUNSET, RATE_LIMITED, REQUEST_SECONDS
 from syncd.errors import (
     PayloadTooLarge,
     PermanentError,
@@ -70,15 +70,16 @@ class Answer:
 class CriteoClient:
     """One aiohttp session for the whole process; tokens cached and shared."""
 
-    # The Criteo app this client speaks for: the `app` label of its metrics.
-    app: str = "default"
-
     def __init__(
         self,
         settings: Settings,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
+        app: str = "default",
+        shared: SharedBudget | None = None,
     ) -> None:
+        self.app = app  # the Criteo app's name: its budget, cool-down and metrics' label
+        self._app = settings.app(app)  # its credentials and ceiling
         self._settings = settings
         self._session = session
         self._clock = clock
@@ -86,12 +87,16 @@ class CriteoClient:
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
         self._deprecation_logged = False
-        self.pacer = Pacer(settings.rate_limit_per_min, clock)
+        # The app's own ceiling, else the one every app shares; 0: what Criteo says.
+        ceiling = self._app.rate_limit_per_min or settings.rate_limit_per_min
+        self.pacer = Pacer(ceiling, clock, app=app, shared=shared)
         self.cooldown = Cooldown(clock)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[CriteoClient]:
+    async def open(
+        cls, settings: Settings, app: str = "default", shared: SharedBudget | None = None
+    ) -> AsyncIterator[CriteoClient]:
         # limit_per_host matches the application's own semaphore: a request never waits
         # inside the connector, where the wait would count against the connect timeout.
         connector = aiohttp.TCPConnector(
@@ -106,7 +111,7 @@ class CriteoClient:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=headers, raise_for_status=False
         ) as session:
-            yield cls(settings, session)
+            yield cls(settings, session, app=app, shared=shared)
 
     # --- token --------------------------------------------------------------------------
 
@@ -130,8 +135,8 @@ class CriteoClient:
         s = self._settings
         form = {
             "grant_type": "client_credentials",
-            "client_id": s.criteo_client_id,
-            "client_secret": s.criteo_client_secret.reveal(),
+            "client_id": self._app.client_id,
+            "client_secret": self._app.client_secret.reveal(),
         }
         try:
             with REQUEST_SECONDS.labels(self.app).time():
@@ -166,7 +171,7 @@ class CriteoClient:
             code = body.get("error") if isinstance(body, dict) else None
             code = str(code)[:100] if code else None
             raise RunAbortingError(
-                f"Criteo refused the credentials in CRITEO_CLIENT_ID / CRITEO_CLIENT_SECRET "
+                f"Criteo refused the credentials in {self._app.source} "
                 f"(HTTP {status}{', ' + code if code else ''})",
                 status=status,
                 code=code or "token-refused",
@@ -247,6 +252,17 @@ class CriteoClient:
                 f"request failed: {type(exc).__name__}", code=_exc_code(exc)
             ) from None
         self._check_deprecation(resp_headers)
+        # Every answer (a 429 too) says where the app's budget stands.
+        await self.pacer.learn(resp_headers, status)
+        if status == 429:
+            RATE_LIMITED.labels(app=self.app).inc()
+            log.warning(
+                "rate_limited",
+                app=self.app,
+                retry_after_s=retry_after_s(resp_headers),
+                limit=resp_headers.get("x-ratelimit-limit"),
+                reset=resp_headers.get("x-ratelimit-reset"),
+            )
         if status == 401:
             return None
         if 200 <= status < 300:

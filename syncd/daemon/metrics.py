@@ -13,6 +13,8 @@ the HTTP server, so every replica reports the same figures.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -21,6 +23,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+
+if TYPE_CHECKING:
+    from syncd.criteo import AmendmentResult
+    from syncd.errors import RetryableError
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # process_resident_memory_bytes and friends: the flat-memory promise, watched.
@@ -131,3 +137,32 @@ READY = Gauge(
     "1 when the database is reachable and migrations are current, else 0.",
     registry=REGISTRY,
 )
+
+
+# -- what pushing counts (push.py) ---------------------------------------------------
+
+RetryReason = Literal["server_error", "timeout", "connection", "other"]
+
+
+def retry_reason(error: RetryableError) -> RetryReason:
+    """The `reason` label of a fault retry: a few fixed words, never Criteo's text."""
+    if error.status is None and error.code in ("timeout", "connection"):
+        return "timeout" if error.code == "timeout" else "connection"  # no answer at all
+    if error.status == 408:
+        return "timeout"
+    if error.status is not None and error.status >= 500:
+        return "server_error"
+    return "other"  # an unreadable token answer, say
+
+
+def count_retry(app: str, error: RetryableError) -> None:
+    REQUEST_RETRIES.labels(app, retry_reason(error)).inc()
+
+
+def count_acknowledged(
+    segment_key: str, operation: str, identifiers: int, result: AmendmentResult
+) -> None:
+    """Identifiers sent and Criteo's counts, by segment KEY (never an identifier)."""
+    IDENTIFIERS_SENT.labels(segment_key, operation).inc(identifiers)
+    IDENTIFIERS_VALID.labels(segment_key).inc(result.nb_valid or 0)
+    IDENTIFIERS_INVALID.labels(segment_key).inc(result.nb_invalid or 0)

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
+from syncd.sandbox.budget import RateLimitMode
 from syncd.sandbox.config import MARKETING_SOLUTIONS, RETAIL_MEDIA, SandboxConfig
 from syncd.sandbox.contract import (
     amendment_answer,
@@ -73,16 +74,17 @@ async def token(request: web.Request) -> web.Response:
     if not grant:
         return web.json_response({"error": "invalid_request"}, status=400)
     config = state.config
-    client_ok = secrets.compare_digest(str(form.get("client_id", "")), config.client_id)
-    secret_ok = secrets.compare_digest(str(form.get("client_secret", "")), config.client_secret)
-    if not (client_ok and secret_ok):
+    client_id = str(form.get("client_id", ""))
+    expected = config.credentials().get(client_id, "")
+    secret_ok = secrets.compare_digest(str(form.get("client_secret", "")), expected)
+    if not (expected and secret_ok):
         return web.json_response({"error": "invalid_client"}, status=401)
     if grant != "client_credentials":
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
     # refresh_token: null because the official SDKs read that key unconditionally.
     return web.json_response(
         {
-            "access_token": state.issue_token(),
+            "access_token": state.issue_token(client_id),
             "token_type": "Bearer",
             "expires_in": config.token_ttl_s,
             "refresh_token": None,
@@ -105,6 +107,7 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
         "applied": False,
         "fault": None,
         "idempotency_key": request.headers.get("Idempotency-Key"),
+        "client_id": state.client_of(request.headers.get("Authorization")),
         "at": time.time(),
     }
     try:
@@ -217,20 +220,37 @@ async def _guarded(
         if denied is not None:
             detail = "the access token has expired" if denied.endswith("expired") else "bad token"
             return error_response(401, problem("authorization", denied, detail, "@headers"))
-        limit = state.faults.settings.rate_limit_per_minute
-        if limit is not None and not state.rate_limiter.acquire(limit):
-            wait = str(state.rate_limiter.retry_after_s())
-            return error_response(
-                429,
-                problem("quota", "too-many-requests", "the per-minute budget is spent"),
-                headers={"Retry-After": wait},
-            )
+        refused = _over_budget(state, request)
+        if refused is not None:
+            return refused
     try:
         return await handler(request)
     except web.HTTPException as exc:
         # Router misses (404/405) and oversized bodies (413) answer in Criteo's shape too.
         code = exc.reason.lower().replace(" ", "-")
         return error_response(exc.status, problem("unknown", code, exc.reason), headers=None)
+
+
+def _mode(raw: str) -> RateLimitMode:
+    return "bucket" if raw == "bucket" else "window"
+
+
+def _over_budget(state: SandboxState, request: web.Request) -> web.Response | None:
+    """A 429 when the calling app's budget is spent (spending one call otherwise)."""
+    s = state.faults.settings
+    client_id = state.client_of(request.headers.get("Authorization"))
+    if s.rate_limit_per_minute is None or client_id is None:
+        return None
+    limit, mode, burst = s.rate_limit_per_minute, _mode(s.rate_limit_mode), s.rate_limit_burst
+    if state.budgets.acquire(client_id, limit, mode, burst):
+        return None
+    # Criteo does not document Retry-After: only x-ratelimit-reset says when, unless asked.
+    retry_after = state.budgets.retry_after_s(client_id, limit, mode, burst)
+    return error_response(
+        429,
+        problem("quota", "too-many-requests", "the per-minute budget is spent"),
+        headers={"Retry-After": str(retry_after)} if s.rate_limit_retry_after else None,
+    )
 
 
 @web.middleware
@@ -241,9 +261,13 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     state = request.app[SANDBOX_STATE]
     headers: dict[str, str] = {}
     response = await _guarded(request, handler, first, headers)
-    limit = state.faults.settings.rate_limit_per_minute
-    if limit is not None:
-        headers |= state.rate_limiter.headers(limit)
+    s = state.faults.settings
+    client_id = state.client_of(request.headers.get("Authorization"))
+    if s.rate_limit_per_minute is not None and client_id is not None:
+        # Every answer to an app's call says where its budget stands.
+        headers |= state.budgets.headers(
+            client_id, s.rate_limit_per_minute, _mode(s.rate_limit_mode), s.rate_limit_burst
+        )
     dropped = isinstance(response, DroppedResponse)
     if not dropped:
         response.headers.update(headers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RETAIL_MEDIA = "retail-media"
 MARKETING_SOLUTIONS = "marketing-solutions"
@@ -69,7 +69,13 @@ class SandboxConfig:
     # Retail Media add-remove answer: "docs" (counts under data.attributes), "sdk"
     # (counts directly under data), "alternate" (switch on every request).
     response_shape: str = "alternate"
+    # The call budget per client id (None: unlimited), enforced as a fixed one-minute
+    # window or as a bucket refilling continuously that holds `rate_limit_burst` calls.
     rate_limit_per_minute: int | None = None
+    rate_limit_mode: str = "window"
+    rate_limit_burst: int = 4
+    # Criteo does not document Retry-After: a 429 carries it only when asked for.
+    rate_limit_retry_after: bool = False
     fault_rate_5xx: float = 0.0
     fault_rate_429: float = 0.0
     fault_rate_drop: float = 0.0  # apply the amendment, then drop the connection
@@ -77,6 +83,8 @@ class SandboxConfig:
     seed: int | None = None
     keep_members: bool = True  # False: only count, to save memory in the benchmark
     segments: tuple[InitialSegment, ...] = ()
+    # More apps the sandbox accepts, as (client id, client secret): each its own budget.
+    clients: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.response_shape not in ("docs", "sdk", "alternate"):
@@ -84,3 +92,9 @@ class SandboxConfig:
         ids = [segment.id for segment in self.segments]
         if len(set(ids)) < len(ids):
             raise ValueError("two initial segments share an id")
+        if self.rate_limit_mode not in ("window", "bucket"):
+            raise ValueError("rate_limit_mode must be 'window' or 'bucket'")
+
+    def credentials(self) -> dict[str, str]:
+        """Every client id the sandbox accepts, with its secret."""
+        return {self.client_id: self.client_secret, **dict(self.clients)}

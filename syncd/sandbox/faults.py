@@ -1,6 +1,6 @@
 """The sandbox's fault injection: how long it waits before answering an amendment, whether
 that amendment fails and how (scripted one-shot faults first, then random ones), and the
-run-time knobs (including the per-minute budget, which ``state.RateLimiter`` counts).
+run-time knobs (including the per-minute budget, which ``budget.Budgets`` counts).
 The ``/_sandbox/`` endpoints that steer it live in ``control``.
 """
 
@@ -199,6 +199,9 @@ class FaultSettings:
     fault_rate_drop: float = 0.0
     retry_after_s: float = 1.0
     rate_limit_per_minute: int | None = None
+    rate_limit_mode: str = "window"
+    rate_limit_burst: int = 4
+    rate_limit_retry_after: bool = False
 
     @classmethod
     def from_config(cls, config: SandboxConfig) -> FaultSettings:
@@ -229,6 +232,24 @@ def updated_settings(current: FaultSettings, body: Mapping[str, Any]) -> FaultSe
         if limit is not None and limit < 1:
             raise FaultSpecError("rate_limit_per_minute must be a positive integer or null")
         values["rate_limit_per_minute"] = limit
+    return _budget_settings(values, body)
+
+
+def _budget_settings(values: dict[str, Any], body: Mapping[str, Any]) -> FaultSettings:
+    """The budget's kind, burst and Retry-After switch from a /_sandbox/faults body."""
+    if "rate_limit_mode" in body:
+        if body["rate_limit_mode"] not in ("window", "bucket"):
+            raise FaultSpecError("rate_limit_mode must be 'window' or 'bucket'")
+        values["rate_limit_mode"] = body["rate_limit_mode"]
+    if "rate_limit_burst" in body:
+        burst = body["rate_limit_burst"]
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise FaultSpecError("rate_limit_burst must be a positive integer")
+        values["rate_limit_burst"] = burst
+    if "rate_limit_retry_after" in body:
+        if not isinstance(body["rate_limit_retry_after"], bool):
+            raise FaultSpecError("rate_limit_retry_after must be true or false")
+        values["rate_limit_retry_after"] = body["rate_limit_retry_after"]
     return FaultSettings(**values)
 
 

@@ -2,8 +2,9 @@
 
 One :class:`SandboxState` per application (``app[SANDBOX_STATE]``) holds everything a
 running sandbox remembers, and tests read it directly through ``RunningSandbox.state``.
-It also holds the per-minute budget (:class:`RateLimiter`): like the tokens, it is what
-the sandbox remembers between calls, while ``faults`` owns the setting.
+It also holds the per-minute budgets (:class:`Budgets`, one per client id): like the
+tokens, they are what the sandbox remembers between calls, while ``faults`` owns the
+settings.
 
 This module knows nothing of routes or request bodies: the handlers in ``app``
 and the Criteo rules in ``contract`` act on it, never the other way round.
@@ -11,23 +12,21 @@ and the Criteo rules in ``contract`` act on it, never the other way round.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from syncd.sandbox.budget import Budgets
 from syncd.sandbox.config import (
     LOG_SIZE,
     MARKETING_SOLUTIONS,
     MS_SEGMENT_BASE,
     MS_TYPES,
-    RATE_WINDOW_S,
     RETAIL_MEDIA,
     RM_CONTACT_LIST_BASE,
     RM_SEGMENT_BASE,
@@ -92,57 +91,15 @@ class Segment:
         return {"id": self.id, "type": "AudienceSegment", "attributes": attrs}
 
 
-class RateLimiter:
-    """One budget per application: a fixed one-minute window opened by its first call.
-
-    Criteo documents ``x-ratelimit-reset`` as the epoch second when calls are allowed
-    again, which is what a fixed window gives; a sliding window would have no such time.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._window_start: float | None = None
-        self._used = 0
-
-    def reset(self) -> None:
-        self._window_start = None
-        self._used = 0
-
-    def _roll(self, now: float) -> float:
-        if self._window_start is None or now >= self._window_start + RATE_WINDOW_S:
-            self._window_start = now
-            self._used = 0
-        return self._window_start
-
-    def acquire(self, limit: int) -> bool:
-        """Spend one call of the budget; False (and nothing spent) when it is used up."""
-        self._roll(self._clock())
-        if self._used >= limit:
-            return False
-        self._used += 1
-        return True
-
-    def retry_after_s(self) -> int:
-        start = self._roll(self._clock())
-        return max(1, math.ceil(start + RATE_WINDOW_S - self._clock()))
-
-    def headers(self, limit: int) -> dict[str, str]:
-        start = self._roll(self._clock())
-        return {
-            "x-ratelimit-limit": str(limit),
-            "x-ratelimit-remaining": str(max(0, limit - self._used)),
-            "x-ratelimit-reset": str(math.ceil(start + RATE_WINDOW_S)),
-        }
-
-
 class SandboxState:
     """Everything the sandbox remembers: segments, members, tokens, counters, faults."""
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self.faults = FaultInjector(config)
-        self.rate_limiter = RateLimiter()
+        self.budgets = Budgets()
         self.tokens: dict[str, float] = {}  # token -> monotonic expiry
+        self.token_clients: dict[str, str] = {}  # token -> the client id it was issued to
         self.reset()
 
     def reset(self) -> None:
@@ -159,7 +116,7 @@ class SandboxState:
         self._serial = 0
         self._answers = 0  # Retail Media add-remove answers, for the alternating shape
         self.faults.reset()
-        self.rate_limiter.reset()
+        self.budgets.reset()
         for segment in self.config.segments:
             self.seed_segment(segment.body())
 
@@ -228,10 +185,16 @@ class SandboxState:
         self._answers += 1
         return shape
 
-    def issue_token(self) -> str:
+    def issue_token(self, client_id: str | None = None) -> str:
         token = secrets.token_urlsafe(32)
         self.tokens[token] = time.monotonic() + self.config.token_ttl_s
+        self.token_clients[token] = client_id or self.config.client_id
         return token
+
+    def client_of(self, header: str | None) -> str | None:
+        """The client id a (checked) Authorization header's token was issued to."""
+        _, _, token = (header or "").partition(" ")
+        return self.token_clients.get(token.strip())
 
     def check_token(self, header: str | None) -> str | None:
         """None when the Authorization header holds a live token, else the error code."""

@@ -126,6 +126,56 @@ async def test_without_credentials_set_the_sandbox_keeps_its_defaults(
     assert "sandbox-secret" not in output
 
 
+async def test_the_sandbox_enforces_a_budget_per_app_from_its_flags(
+    sandboxes: list[SandboxProcess],
+) -> None:
+    """`--rate-limit-per-min 2 --rate-limit-mode bucket`: each app (the default one and
+    those CRITEO_APPS names, credentials from the environment) has its own two calls."""
+    env = {
+        "CRITEO_APPS": "brand_b",
+        "CRITEO_APP_BRAND_B_CLIENT_ID": "brand-b-id",
+        "CRITEO_APP_BRAND_B_CLIENT_SECRET": "brand-b-Secret-77",
+    }
+    sandbox = await start_sandbox_process(
+        env,
+        "--port",
+        "0",
+        "--rate-limit-per-min",
+        "2",
+        "--rate-limit-mode",
+        "bucket",
+        "--rate-limit-burst",
+        "2",
+        "--segment",
+        "1",
+    )
+    sandboxes.append(sandbox)
+    path = "/2026-07/retail-media/audience-segments/1/contact-list/add-remove"
+    attrs = {"operation": "add", "identifierType": "Email", "identifiers": ["a" * 64]}
+    body = {"data": {"type": "AddRemoveContactlist", "attributes": attrs}}
+    async with aiohttp.ClientSession() as session:
+        statuses: dict[str, list[int]] = {}
+        for client_id, secret in (("sandbox-client", "sandbox-secret"), env_pair(env)):
+            form = {"grant_type": "client_credentials", "client_id": client_id}
+            form["client_secret"] = secret
+            async with session.post(f"{sandbox.url}/oauth2/token", data=form) as resp:
+                token = (await resp.json())["access_token"]
+            statuses[client_id] = []
+            for _ in range(3):
+                async with session.post(
+                    sandbox.url + path, json=body, headers={"Authorization": f"Bearer {token}"}
+                ) as resp:
+                    statuses[client_id].append(resp.status)
+                    assert resp.headers["x-ratelimit-limit"] == "2"
+                    assert "Retry-After" not in resp.headers
+    assert statuses == {"sandbox-client": [200, 200, 429], "brand-b-id": [200, 200, 429]}
+    assert "brand-b-Secret-77" not in await sandbox.stop()
+
+
+def env_pair(env: Mapping[str, str]) -> tuple[str, str]:
+    return env["CRITEO_APP_BRAND_B_CLIENT_ID"], env["CRITEO_APP_BRAND_B_CLIENT_SECRET"]
+
+
 async def test_the_sandbox_starts_with_the_segments_it_is_given(
     sandboxes: list[SandboxProcess],
 ) -> None:

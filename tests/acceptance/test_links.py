@@ -179,3 +179,39 @@ async def test_link_usage_mistakes_are_exit_2(
     result = await run_cli(env, "segments", "link", "vip", *args)
     usage_error(result, needle)
     assert await conn.fetchval("SELECT count(*) FROM syncd.segments") == 0
+
+
+APP_ENV = {
+    "CRITEO_APPS": "brand_b",
+    "CRITEO_APP_BRAND_B_CLIENT_ID": "brand-b-id",
+    "CRITEO_APP_BRAND_B_CLIENT_SECRET": "brand-b-Secret-31",
+}
+LINK = ("segments", "link", "vip", "--segment-id", "1001", "--identifier-type", "email")
+
+
+async def test_a_link_names_its_app_and_an_unknown_app_is_refused(
+    env: dict[str, str], conn: Any
+) -> None:
+    both = {**env, **APP_ENV}
+    unknown = await run_cli(both, *LINK, "--app", "brand_c")
+    usage_error(unknown, "--app 'brand_c' is not a configured Criteo app", "brand_b")
+    assert await conn.fetchval("SELECT count(*) FROM syncd.segments") == 0
+    linked = await run_cli(both, *LINK, "--app", "brand_b")
+    assert linked.code == 0 and "(app brand_b)" in linked.stdout, linked
+    assert await conn.fetchval("SELECT app FROM syncd.segments") == "brand_b"
+    default = await run_cli(
+        both, "segments", "link", "other", "--segment-id", "7", "--identifier-type", "email"
+    )
+    assert default.code == 0, default
+    assert await conn.fetchval("SELECT app FROM syncd.segments WHERE segment_key = 'other'") == (
+        "default"
+    )
+    assert "brand-b-Secret-31" not in linked.output + unknown.output
+
+
+async def test_bad_app_configuration_stops_any_command_with_exit_2(env: dict[str, str]) -> None:
+    missing = {**env, **APP_ENV, "CRITEO_APP_BRAND_B_CLIENT_SECRET": ""}
+    result = await run_cli(missing, "segments", "list")
+    usage_error(result, "CRITEO_APP_BRAND_B_CLIENT_SECRET is not set")
+    malformed = {**env, "CRITEO_APPS": "Brand B"}
+    usage_error(await run_cli(malformed, "status"), "CRITEO_APPS: 'Brand B' is not an app name")

@@ -160,10 +160,10 @@ async def test_a_chunk_that_cannot_be_sent_blocks_no_other_segment(
     await insert_changes(conn, [("vip", "a@x.com", "add")])
     run_id = await new_run(conn)
     await plan_everything(settings, run_id)
-    claimed = await conn.fetchrow(query("claim_chunk"), run_id, 30)
+    claimed = await conn.fetchrow(query("claim_chunk"), run_id, 30, ["default"])
     assert claimed is not None and claimed["segment_key"] == "vip"
     assert claimed["criteo_segment_id"] == "1"
-    assert await conn.fetchrow(query("claim_chunk"), run_id, 30) is None
+    assert await conn.fetchrow(query("claim_chunk"), run_id, 30, ["default"]) is None
     shown = report.status_text(await status.read(conn))
     assert "cannot be sent" in shown
     line = next(x for x in shown.splitlines() if x.startswith("gone "))

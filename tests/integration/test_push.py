@@ -173,6 +173,45 @@ async def test_attempt_cap_fails_the_chunk_and_the_next_run_retries(
     assert (again.exit_code, again.chunks_acknowledged) == (0, 1)
 
 
+async def test_a_429_storm_never_fails_the_chunk(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """More 429s in a row than SYNCD_MAX_ATTEMPTS: rate limiting is "later", not a fault,
+    so the chunk ends acknowledged; every sending is still counted in the audit."""
+    await setup_segments(conn, sandbox, count=1, per_segment=5)
+    await faults(sandbox, script=[{"status": 429, "retry_after": "0"}] * 7)
+
+    async def sleep(delay: float) -> None:
+        pass
+
+    settings = with_env(env, SYNCD_MAX_ATTEMPTS="3", SYNCD_RETRY_BASE_S="0.01")
+    summary = await sync_once(settings, sleep=sleep)
+    assert (summary.exit_code, summary.chunks_acknowledged, summary.chunks_failed) == (0, 1, 0)
+    audit = await conn.fetchrow("SELECT outcome, attempts FROM syncd.push_audit")
+    assert (audit["outcome"], audit["attempts"]) == ("acknowledged", 8)
+
+
+async def test_faults_count_towards_the_cap_and_429s_between_them_do_not(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """Two 5xx with 429 storms between them, then one more 5xx: the
+    third real fault reaches SYNCD_MAX_ATTEMPTS=3 and fails the chunk."""
+    await setup_segments(conn, sandbox, count=1, per_segment=5)
+    storm = [{"status": 429, "retry_after": "0"}] * 4
+    await faults(
+        sandbox, script=[{"status": 503}, *storm, {"status": 502}, *storm, {"status": 503}]
+    )
+
+    async def sleep(delay: float) -> None:
+        pass
+
+    settings = with_env(env, SYNCD_MAX_ATTEMPTS="3", SYNCD_RETRY_BASE_S="0.01")
+    summary = await sync_once(settings, sleep=sleep)
+    assert (summary.exit_code, summary.chunks_failed) == (1, 1)
+    audit = await conn.fetchrow("SELECT outcome, attempts, http_status FROM syncd.push_audit")
+    assert (audit["outcome"], audit["attempts"], audit["http_status"]) == ("failed", 11, 503)
+
+
 async def test_invalid_counts_and_warnings_are_kept(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:

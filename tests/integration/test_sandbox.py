@@ -611,6 +611,9 @@ async def test_bad_fault_settings_change_nothing(api: Api) -> None:
         "fault_rate_drop": 0.0,
         "retry_after_s": 1.0,
         "rate_limit_per_minute": None,
+        "rate_limit_mode": "window",
+        "rate_limit_burst": 4,
+        "rate_limit_retry_after": False,
         "script": [],
     }
 
@@ -652,12 +655,58 @@ async def test_rate_limit_headers_and_429_over_budget() -> None:
         assert remaining == ["2", "1", "0"]
         status, body, headers = await api.rm_amend(seg, [user_hash(9)])
         assert status == 429 and body["errors"][0]["type"] == "quota"
-        assert 1 <= int(headers["Retry-After"]) <= 60 and headers["x-ratelimit-remaining"] == "0"
+        # Criteo does not document Retry-After: only the x-ratelimit-* headers, by default.
+        assert "Retry-After" not in headers and headers["x-ratelimit-remaining"] == "0"
+        assert 0 < int(headers["x-ratelimit-reset"]) - time.time() <= 61
         assert user_hash(9) not in await api.members(seg)
+        # Asked for, Retry-After comes too.
+        await api.control("POST", "faults", {"rate_limit_retry_after": True})
+        status, _, headers = await api.rm_amend(seg, [user_hash(9)])
+        assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60
         # Lifting the budget at run time takes effect at once.
         await api.control("POST", "faults", {"rate_limit_per_minute": None})
         status, _, headers = await api.rm_amend(seg, [user_hash(9)])
         assert status == 200 and "x-ratelimit-limit" not in headers
+
+
+async def test_bucket_holds_a_few_calls_and_refills_continuously() -> None:
+    """A bucket: a minute's worth at once is refused after the first few calls, and one
+    call comes back every 60/limit seconds (an injected clock, no waiting)."""
+    config = SandboxConfig(rate_limit_per_minute=60, rate_limit_mode="bucket", rate_limit_burst=3)
+    async with running(config) as api:
+        now = [1_000_000.0]
+        api.sandbox.state.budgets.clock = lambda: now[0]
+        seg = await api.segment()
+        answers = [await api.rm_amend(seg, [user_hash(n)]) for n in range(5)]
+        assert [a[0] for a in answers] == [200, 200, 200, 429, 429]
+        assert [a[2]["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0", "0", "0"]
+        assert answers[3][2]["x-ratelimit-reset"] == "1000001"  # one call a second
+        now[0] += 1.0
+        assert (await api.rm_amend(seg, [user_hash(5)]))[0] == 200
+        assert (await api.rm_amend(seg, [user_hash(6)]))[0] == 429
+        now[0] += 60.0  # refilled, but never past the few calls the bucket holds
+        statuses = [(await api.rm_amend(seg, [user_hash(n)]))[0] for n in range(7, 12)]
+        assert statuses == [200, 200, 200, 429, 429]
+
+
+async def test_each_client_id_has_its_own_budget() -> None:
+    config = SandboxConfig(rate_limit_per_minute=2, clients=(("brand-b", "b-secret"),))
+    async with running(config) as api:
+        seg = await api.segment()
+        assert [(await api.rm_amend(seg, [user_hash(n)]))[0] for n in range(3)] == [200, 200, 429]
+        status, data = await api.form_token(
+            grant_type="client_credentials", client_id="brand-b", client_secret="b-secret"
+        )
+        assert status == 200
+        api.token = data["access_token"]
+        status, _, headers = await api.rm_amend(seg, [user_hash(9)])
+        assert (status, headers["x-ratelimit-remaining"]) == (200, "1")
+        # A wrong secret for a known client id is refused like an unknown client.
+        status, _ = await api.form_token(
+            grant_type="client_credentials", client_id="brand-b", client_secret="sandbox-secret"
+        )
+        assert status == 401
+    assert "b-secret" not in repr(config)
 
 
 async def test_max_in_flight_counts_concurrent_amendments() -> None:

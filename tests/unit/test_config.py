@@ -243,3 +243,56 @@ def test_windows_are_sorted_and_deduplicated() -> None:
 def test_daemon_settings_refusals_name_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         Settings.from_env({**BASE, name: value})
+
+
+# --- several Criteo apps ---------------------------------------------------------------------
+
+APPS = {
+    **BASE,
+    "CRITEO_APPS": " brand_b, retailer_x ",
+    "CRITEO_APP_BRAND_B_CLIENT_ID": "b-id",
+    "CRITEO_APP_BRAND_B_CLIENT_SECRET": "b-secret-value",
+    "CRITEO_APP_RETAILER_X_CLIENT_ID": "x-id",
+    "CRITEO_APP_RETAILER_X_CLIENT_SECRET": "x-secret-value",
+    "CRITEO_APP_RETAILER_X_RATE_LIMIT_PER_MIN": "100",
+}
+
+
+def test_apps_are_named_in_criteo_apps_with_their_own_credentials() -> None:
+    s = Settings.from_env(APPS)
+    assert s.app_names == ("default", "brand_b", "retailer_x")
+    default, brand_b, retailer_x = (s.app(name) for name in s.app_names)
+    assert (default.client_id, default.client_secret.reveal()) == ("id", "s3cr3t-value")
+    assert (brand_b.client_id, brand_b.client_secret.reveal()) == ("b-id", "b-secret-value")
+    assert (brand_b.rate_limit_per_min, retailer_x.rate_limit_per_min) == (0, 100)
+    for secret in ("s3cr3t-value", "b-secret-value", "x-secret-value"):
+        assert secret not in repr(s) and secret not in str(s.criteo_apps)
+    assert Settings.from_env(BASE).app_names == ("default",)
+
+
+def test_an_unknown_app_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="no Criteo app named 'brand_c'"):
+        Settings.from_env(APPS).app("brand_c")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"CRITEO_APPS": "Brand-B"}, "CRITEO_APPS: 'Brand-B' is not an app name"),
+        ({"CRITEO_APPS": "brand_b,brand_b"}, "CRITEO_APPS: 'brand_b' is named twice"),
+        ({"CRITEO_APPS": "default"}, "CRITEO_APPS: 'default' is the app of CRITEO_CLIENT_ID"),
+        ({"CRITEO_APP_BRAND_B_CLIENT_ID": ""}, "CRITEO_APP_BRAND_B_CLIENT_ID is not set"),
+        (
+            {"CRITEO_APP_RETAILER_X_CLIENT_SECRET": " "},
+            "CRITEO_APP_RETAILER_X_CLIENT_SECRET is not set",
+        ),
+        (
+            {"CRITEO_APP_RETAILER_X_RATE_LIMIT_PER_MIN": "lots"},
+            "CRITEO_APP_RETAILER_X_RATE_LIMIT_PER_MIN: 'lots' is not a whole number",
+        ),
+    ],
+)
+def test_bad_app_configuration_names_the_variable(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        Settings.from_env({**APPS, **change})
+    assert "secret-value" not in str(caught.value)

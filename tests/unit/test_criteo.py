@@ -7,7 +7,6 @@ from multidict import CIMultiDict
 
 from syncd.criteo import parse_amendment, retry_after_s
 from syncd.criteo.client import RETRY_AFTER_CAP_S
-from syncd.criteo.pacing import Pacer
 from syncd.push import backoff_s
 
 
@@ -48,17 +47,6 @@ def test_backoff_is_capped_full_jitter() -> None:
     assert all(0 <= s <= 4.0 for s in samples)
     assert max(backoff_s(1, 0.5, 4.0) for _ in range(200)) <= 0.5
     assert max(samples) > 2.0  # it does grow
-
-
-def test_pacer_allows_a_burst_then_spaces_calls() -> None:
-    now = [0.0]
-    pacer = Pacer(60, clock=lambda: now[0])  # one a second, a minute's worth at once
-    assert [pacer.reserve() for _ in range(60)] == [0.0] * 60
-    assert pacer.reserve() == pytest.approx(1.0)  # the 61st waits a second
-    assert pacer.reserve() == pytest.approx(2.0)  # and the next one more
-    now[0] = 10.0
-    assert pacer.reserve() == 0.0  # ten seconds refilled ten calls, two were owed
-    assert Pacer(0).reserve() == 0.0  # 0 turns pacing off
 
 
 @pytest.mark.parametrize(

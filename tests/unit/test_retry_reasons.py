@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from syncd.daemon.metrics import retry_reason
 from syncd.errors import RetryableError
-from syncd.push import _retry_reason
 
 
 @pytest.mark.parametrize(
@@ -20,4 +20,4 @@ from syncd.push import _retry_reason
     ],
 )
 def test_reasons(status: int | None, code: str | None, reason: str) -> None:
-    assert _retry_reason(RetryableError("x", status=status, code=code)) == reason
+    assert retry_reason(RetryableError("x", status=status, code=code)) == reason

@@ -10,13 +10,15 @@ SELECT * FROM syncd.segments WHERE segment_key = $1 FOR UPDATE;
 -- name: insert_segment
 -- Link a new segment key.
 INSERT INTO syncd.segments
-    (segment_key, api, criteo_segment_id, identifier_type, send_as, account_id, gum_caller_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7);
+    (segment_key, api, criteo_segment_id, identifier_type, send_as, account_id, gum_caller_id,
+     app)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
 
 -- name: update_segment
 -- Re-point an existing link (same identifier type and send mode: planned chunks stay valid).
 UPDATE syncd.segments
-SET api = $2, criteo_segment_id = $3, account_id = $6, gum_caller_id = $7, updated_at = now()
+SET api = $2, criteo_segment_id = $3, account_id = $6, gum_caller_id = $7, app = $8,
+    updated_at = now()
 WHERE segment_key = $1 AND identifier_type = $4 AND send_as = $5;
 
 -- name: list_segments
@@ -32,9 +34,9 @@ ORDER BY s.segment_key;
 -- name: open_chunk_targets
 -- A segment's chunks not yet acknowledged, per target they were planned for (a NULL
 -- api: no target known, planned before syncd recorded targets; they cannot be sent).
-SELECT api, criteo_segment_id, account_id, gum_caller_id, count(*) AS chunks
+SELECT api, criteo_segment_id, account_id, gum_caller_id, app, count(*) AS chunks
 FROM syncd.chunks WHERE segment_key = $1 AND state <> 'done'
-GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4;
+GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5;
 
 -- name: discard_open_chunks
 -- Drop a segment's unacknowledged chunks (unlink --force).

@@ -6,7 +6,7 @@
 -- (LIMIT 1), where EXISTS would read the whole inbox to build a hash of its keys.
 -- A run plans each key with its link as lock_link_for_plan reads it then, not as here.
 SELECT s.segment_key, s.api, s.criteo_segment_id, s.identifier_type, s.send_as,
-    s.account_id, s.gum_caller_id
+    s.account_id, s.gum_caller_id, s.app
 FROM syncd.segments s
 WHERE (SELECT true FROM syncd.membership_changes m WHERE m.segment_key = s.segment_key LIMIT 1)
 ORDER BY s.segment_key;
@@ -26,7 +26,7 @@ SELECT pg_advisory_unlock(hashtext('syncd.plan'), hashtext($1));
 -- plan commits, so that a link change (which takes FOR UPDATE) waits for the plan and
 -- then sees its chunks. No row: the key was unlinked since the run listed it.
 SELECT segment_key, api, criteo_segment_id, identifier_type, send_as, account_id,
-    gum_caller_id
+    gum_caller_id, app
 FROM syncd.segments WHERE segment_key = $1
 FOR SHARE;
 
@@ -90,9 +90,9 @@ WITH normalised AS (
     -- array_to_json(array_agg()) takes 0.8 (it builds the array first).
     INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
                               identifier_count, api, criteo_segment_id, account_id,
-                              gum_caller_id, send_as)
+                              gum_caller_id, send_as, app)
     SELECT $1, $2, CASE WHEN is_add THEN 'add' ELSE 'remove' END, $3,
-        convert_to(json_agg(value)::text, 'UTF8'), count(*), $7, $8, $9, $10, $4
+        convert_to(json_agg(value)::text, 'UTF8'), count(*), $7, $8, $9, $10, $4, $11
     FROM numbered
     GROUP BY is_add, chunk_no
     RETURNING operation, identifier_count

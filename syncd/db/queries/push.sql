@@ -6,7 +6,9 @@
 --   pending and due, or claimed by a run whose lease ran out or that is gone (no lock,
 --   and its last heartbeat older than its takeover bound: none of its requests in flight);
 --   and no chunk of an earlier plan of the same segment still open (order per segment);
---   with a target (a chunk without one can never be sent: passed over, listed by status).
+--   with a target (a chunk without one can never be sent: passed over, listed by status);
+--   and of an app in $3: configured, not cooling down after a 429, not holding its share
+--   of the slots (a chunk of an app no longer configured waits, listed by status).
 -- Returns the chunk, the target it was planned for, and the size of its payload
 -- (streamed by payload_slice). No link is read: a link changed or removed since the
 -- plan neither redirects nor strands a chunk.
@@ -24,6 +26,7 @@ WITH next AS (
           SELECT 1 FROM syncd.chunks e
           WHERE e.segment_key = c.segment_key AND e.plan_id < c.plan_id AND e.state <> 'done'
       )
+      AND c.app = ANY ($3::text[])
     ORDER BY c.plan_id, c.id
     LIMIT 1
     FOR UPDATE OF c SKIP LOCKED
@@ -34,7 +37,7 @@ FROM next
 WHERE c.id = next.id
 RETURNING c.id, c.plan_id, c.segment_key, c.operation, c.identifier_type, c.identifier_count,
     octet_length(c.payload) AS payload_bytes,
-    c.api, c.criteo_segment_id, c.account_id, c.gum_caller_id;
+    c.api, c.criteo_segment_id, c.account_id, c.gum_caller_id, c.app;
 
 -- name: payload_slice
 -- $3 bytes of a chunk's payload from byte $2 (1-based), while this run owns the chunk:
@@ -77,11 +80,11 @@ INSERT INTO syncd.push_audit
     (run_id, chunk_id, plan_id, segment_key, api, criteo_segment_id, operation, identifier_type,
      identifiers_sent, nb_valid_identifiers, nb_invalid_identifiers, sample_invalid_identifiers,
      http_status, attempts, outcome, error_code, error_detail, warnings, errors,
-     contact_list_id, request_date, started_at, gum_caller_id)
+     contact_list_id, request_date, started_at, gum_caller_id, app)
 SELECT $2, chunk.id, chunk.plan_id, chunk.segment_key, chunk.api, chunk.criteo_segment_id,
     chunk.operation, chunk.identifier_type, chunk.identifier_count,
     $5, $6, $7::jsonb, $8, $9, $11, $12, $10, $13::jsonb, $14::jsonb, $15, $16, $17,
-    chunk.gum_caller_id
+    chunk.gum_caller_id, chunk.app
 FROM chunk
 RETURNING id;
 
@@ -102,15 +105,15 @@ WITH src AS (
 ), halves AS (
     INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
                               identifier_count, api, criteo_segment_id, account_id,
-                              gum_caller_id, send_as)
+                              gum_caller_id, send_as, app)
     SELECT src.plan_id, src.segment_key, src.operation, src.identifier_type,
         convert_to(json_agg(e.value ORDER BY e.n)::text, 'UTF8'), count(*),
-        src.api, src.criteo_segment_id, src.account_id, src.gum_caller_id, src.send_as
+        src.api, src.criteo_segment_id, src.account_id, src.gum_caller_id, src.send_as, src.app
     FROM src,
         json_array_elements(convert_from(src.payload, 'UTF8')::json) WITH ORDINALITY AS e(value, n)
     GROUP BY src.plan_id, src.segment_key, src.operation, src.identifier_type,
         src.api, src.criteo_segment_id, src.account_id, src.gum_caller_id, src.send_as,
-        e.n <= src.identifier_count / 2
+        src.app, e.n <= src.identifier_count / 2
     RETURNING id
 )
 INSERT INTO syncd.push_audit
