@@ -5,6 +5,7 @@ so a refusal (partial approval) records nothing locally.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,6 +15,10 @@ from syncd.criteo.client import CriteoClient
 from syncd.db import query
 from syncd.errors import UsageError
 from syncd.identifiers import RETAIL_MEDIA
+from syncd.runtime import DEFAULT_APP
+
+# The client of a Criteo app by name (Runtime.criteo): each link is served by its own app.
+Clients = Callable[[str], Awaitable[CriteoClient]]
 
 
 async def create_and_link(
@@ -61,15 +66,16 @@ async def _linked(conn: Any, segment_key: str) -> Any:
 
 
 async def rename(
-    conn: Any, client: CriteoClient, segment_key: str, name: str, description: str | None
+    conn: Any, clients: Clients, segment_key: str, name: str, description: str | None
 ) -> remote.RemoteSegment:
     link = await _linked(conn, segment_key)
+    client = await clients(link["app"] or DEFAULT_APP)
     return await remote.rename(
         client, link["api"], link["account_id"], link["criteo_segment_id"], name, description
     )
 
 
-async def delete(conn: Any, client: CriteoClient, segment_key: str, *, force: bool) -> int:
+async def delete(conn: Any, clients: Clients, segment_key: str, *, force: bool) -> int:
     """Delete the linked segment on Criteo, then unlink the key. Refused while chunks are
     open unless forced (they are then dropped with the link); nothing is unlinked when
     Criteo refuses the deletion. Returns the chunks dropped."""
@@ -82,6 +88,7 @@ async def delete(conn: Any, client: CriteoClient, segment_key: str, *, force: bo
             f"{segment_key!r} has {open_chunks} chunk(s) not yet acknowledged by Criteo; "
             "run `syncd sync` first, or delete with --force to drop them"
         )
+    client = await clients(link["app"] or DEFAULT_APP)
     await remote.delete(client, link["api"], link["account_id"], link["criteo_segment_id"])
     return await links.unlink(conn, segment_key, force=True)
 
@@ -95,9 +102,7 @@ class Reading:
     read_at: Any
 
 
-async def read_statistics(
-    conn: Any, client: CriteoClient, segment_key: str | None
-) -> list[Reading]:
+async def read_statistics(conn: Any, clients: Clients, segment_key: str | None) -> list[Reading]:
     """Read Criteo's statistics for one linked segment or all, and record each reading."""
     if segment_key is not None:
         rows = [await _linked(conn, segment_key)]
@@ -105,6 +110,7 @@ async def read_statistics(
         rows = await links.list_links(conn)
     readings = []
     for link in rows:
+        client = await clients(link["app"] or DEFAULT_APP)
         stats = await remote.statistics(
             client, link["api"], link["account_id"], link["criteo_segment_id"]
         )

@@ -17,22 +17,25 @@ from syncd.runtime import Runtime
 async def run_segment_command(settings: Settings, args: argparse.Namespace) -> int:
     async with Runtime.open(settings) as runtime, runtime.pool.acquire() as conn:
         await check_schema(conn)
-        client = await runtime.criteo()
         command = args.segments_command
         if command == "create":
-            return await _create(conn, client, args)
+            settings.app(args.app)  # an unknown app: ConfigError naming it, before any call
+            return await _create(conn, await runtime.criteo(args.app), args)
         if command == "search":
-            return await _search(conn, client, args)
+            settings.app(args.app)
+            return await _search(conn, await runtime.criteo(args.app), args)
         if command == "rename":
-            renamed = await segments.rename(conn, client, args.key, args.name, args.description)
+            renamed = await segments.rename(
+                conn, runtime.criteo, args.key, args.name, args.description
+            )
             print(f"renamed {args.key} -> segment {renamed.id} {renamed.name!r}")
             return 0
         if command == "delete":
-            dropped = await segments.delete(conn, client, args.key, force=args.force)
+            dropped = await segments.delete(conn, runtime.criteo, args.key, force=args.force)
             extra = f" (dropped {dropped} unsent chunk(s))" if dropped else ""
             print(f"deleted the segment of {args.key} on Criteo and unlinked it{extra}")
             return 0
-        readings = await segments.read_statistics(conn, client, args.key)
+        readings = await segments.read_statistics(conn, runtime.criteo, args.key)
         print(report.statistics_table(readings))
         return 0
 
@@ -46,6 +49,7 @@ async def _create(conn: Any, client: Any, args: argparse.Namespace) -> int:
         api=api,
         send_as=args.send_as,
         account_id=args.account_id or args.advertiser_id,
+        app=args.app,
     )
     created, outcome = await segments.create_and_link(
         conn,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from syncd import plan
-from syncd.sandbox import RunningSandbox
+from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from tests.helpers import insert_changes, run_cli
 
 ACCOUNT = "42"
@@ -169,3 +169,26 @@ async def test_stats_for_both_apis_recorded_per_reading(
         ("vip", True, 2),
         ("vip", True, 2),
     ]
+
+
+async def test_each_command_speaks_for_the_links_app(conn: Any, env: dict[str, str]) -> None:
+    """Only brand_b's credentials work here: create --app brand_b, then rename, stats and
+    delete of that link succeed (they use its app); the default app is refused."""
+    brand_b = {
+        "CRITEO_APPS": "brand_b",
+        "CRITEO_APP_BRAND_B_CLIENT_ID": "brand-b-id",
+        "CRITEO_APP_BRAND_B_CLIENT_SECRET": "brand-b-secret",
+        "CRITEO_CLIENT_SECRET": "not-the-default-apps-secret",
+    }
+    config = SandboxConfig(clients=(("brand-b-id", "brand-b-secret"),))
+    async with await start_sandbox(config) as sandbox:
+        both = {**env, **brand_b, "CRITEO_API_URL": sandbox.url}
+        made = await create(both, "vip", "VIP", "--advertiser-id", "4949", "--app", "brand_b")
+        assert made.code == 0, made
+        assert (await run_cli(both, "segments", "rename", "vip", "--name", "VIP 2")).code == 0
+        assert (await run_cli(both, "segments", "stats", "vip")).code == 0
+        assert (await run_cli(both, "segments", "delete", "vip")).code == 0
+        refused = await create(both, "other", "Other", "--advertiser-id", "4949")
+        assert refused.code != 0 and "CRITEO_CLIENT_SECRET" in refused.stderr, refused
+        unknown = await create(both, "x", "X", "--advertiser-id", "4949", "--app", "nope")
+        assert unknown.code == 2 and "'nope'" in unknown.stderr, unknown
