@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 from syncd.plan import SegmentPlan
@@ -29,6 +30,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        value = int(value)  # sum() of integers comes back as numeric: 1.2E+5 otherwise
     if hasattr(value, "strftime"):
         return str(value.strftime("%Y-%m-%d %H:%M:%S"))
     if isinstance(value, int) and not isinstance(value, bool):
