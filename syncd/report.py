@@ -168,9 +168,27 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def _api_notice(notice: Any) -> list[str]:
+    """First, when Criteo called the configured API version deprecated: until when."""
+    if notice is None:
+        return []
+    sunset = notice["api_sunset"]
+    until = (
+        f"sunset {sunset:%Y-%m-%d} ({notice['days_left']} days left)"
+        if sunset is not None
+        else "no sunset date given"
+    )
+    return [
+        f"Criteo API version {notice['api_version']} is deprecated: {until}; set "
+        "CRITEO_API_VERSION to a newer stable version before then (a retired version "
+        "answers 410 and stops every run)"
+    ]
+
+
 def status_text(s: Status) -> str:
     """`syncd status`, as text."""
-    parts = ["recent runs:" if s.runs_asked else "recent runs: 0 shown (--runs 0)"]
+    parts = _api_notice(s.api_notice)
+    parts.append("recent runs:" if s.runs_asked else "recent runs: 0 shown (--runs 0)")
     if s.runs_asked:
         parts.append(_recent_runs(s.recent_runs) if s.recent_runs else "  none yet")
     parts += _windows(s)

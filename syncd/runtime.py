@@ -60,3 +60,19 @@ class Runtime:
                 client = await self._stack.enter_async_context(opening)
                 self._clients[app] = client
             return client
+
+    def new_run(self) -> None:
+        """A run starts: each client notes what Criteo says of the API version afresh."""
+        for client in self._clients.values():
+            client.new_run()
+
+    def api_notice(self) -> tuple[bool, float | None]:
+        """Whether Criteo called the API version deprecated during this run, and the
+        latest sunset date it gave (Unix time)."""
+        clients = list(self._clients.values())
+        deprecated = any(c.deprecated for c in clients)
+        sunsets = [c.sunset for c in clients if c.sunset is not None]
+        return deprecated, max(sunsets) if sunsets else None
+
+    def talked_to_criteo(self) -> bool:
+        return bool(self._clients)

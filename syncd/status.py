@@ -32,6 +32,8 @@ class Status:
     now: dt.datetime | None = None
     missed_windows: list[Any] = field(default_factory=list)
     budgets: list[Any] = field(default_factory=list)  # each Criteo app's call budget
+    # Criteo called the configured API version deprecated in the latest run: its sunset.
+    api_notice: Any = None
 
 
 async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WINDOWS) -> Status:
@@ -50,6 +52,7 @@ async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WI
             await conn.fetch(query("missed_windows"), MISSED_WINDOWS_DAYS, MISSED_WINDOWS_SHOWN)
         ),
         budgets=list(await conn.fetch(query("budget_use"))),
+        api_notice=await conn.fetchrow(query("api_notice")),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ async def run_slot(
         if row is None:
             return None
         run_id = row["id"]
+        runtime.new_run()
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             rearmed = await lock.conn.fetch(query("rearm_failed_chunks"))
             pruned = await lock.conn.fetchrow(query("prune_history"), settings.retention_days)
@@ -296,11 +298,27 @@ async def run_slot(
                     status = "interrupted"
                 # The pool, not the lock connection: that one may be what was lost.
                 async with runtime.pool.acquire() as conn:
+                    await _record_api_notice(conn, runtime, run_id)
                     summary = await _finish(conn, run_id, status, error, run, started)
                 summary.aborted = run is not None and run.abort_error is not None
             return summary
     finally:
         await lock.close()
+
+
+async def _record_api_notice(conn: Any, runtime: Runtime, run_id: int) -> None:
+    """What Criteo said of the API version during the run (deprecated, sunset), for
+    `syncd status`; nothing when the run never talked to Criteo."""
+    if not runtime.talked_to_criteo():
+        return
+    deprecated, sunset = runtime.api_notice()
+    await conn.execute(
+        query("record_api_notice"),
+        run_id,
+        runtime.settings.criteo_api_version,
+        deprecated,
+        None if sunset is None else dt.datetime.fromtimestamp(sunset, dt.UTC),
+    )
 
 
 async def _finish(

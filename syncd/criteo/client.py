@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -86,7 +86,11 @@ class CriteoClient:
         self._token: str | None = None
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
-        self._deprecation_logged = False
+        # What Criteo said of the API version: Deprecation (and the Sunset date) seen in
+        # the current run, warned about once per run (new_run() starts the next one).
+        self.deprecated = False
+        self.sunset: float | None = None
+        self._deprecation_warned = False
         # The app's own ceiling, else the one every app shares; 0: what Criteo says.
         ceiling = self._app.rate_limit_per_min or settings.rate_limit_per_min
         self.pacer = Pacer(ceiling, clock, app=app, shared=shared)
@@ -286,17 +290,26 @@ class CriteoClient:
             raise PayloadTooLarge(message, status=status, code=code, body=payload)
         raise PermanentError(message, status=status, code=code, body=payload)
 
+    def new_run(self) -> None:
+        """A run starts: what Criteo says of the version is noted, and warned, afresh."""
+        self.deprecated, self.sunset, self._deprecation_warned = False, None, False
+
     def _check_deprecation(self, headers: Any) -> None:
         sunset = _http_date(headers.get("Sunset") or "")
         if sunset is not None:  # on every answer: the gauge follows what Criteo says now
             API_SUNSET.labels(self._settings.criteo_api_version).set(sunset)
-        if self._deprecation_logged or "Deprecation" not in headers:
+            self.sunset = sunset
+        if "Deprecation" not in headers:
             return
-        self._deprecation_logged = True
+        self.deprecated = True
+        if self._deprecation_warned:
+            return
+        self._deprecation_warned = True
+        when = None if sunset is None else datetime.fromtimestamp(sunset, UTC).isoformat()
         log.warning(
             "criteo_api_version_deprecated",
             api_version=self._settings.criteo_api_version,
-            sunset=headers.get("Sunset"),
+            sunset=when,
             hint="set CRITEO_API_VERSION to a newer stable version before the sunset date",
         )
 

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from syncd import links
+from syncd import links, report, status
 from syncd import push as push_module
 from syncd.config import Settings
 from syncd.criteo import CriteoClient, Target, amend, amendment_body
@@ -26,8 +26,9 @@ from syncd.db import close_pool, create_pool
 from syncd.errors import RetryableError, RunAbortingError
 from syncd.plan import plan_segment
 from syncd.push import PAYLOAD_SLICE_BYTES, Pusher, Sleep
+from syncd.runtime import Runtime
 from syncd.sandbox import RunningSandbox
-from syncd.sync import sync_once
+from syncd.sync import run_sync, sync_once
 from tests.helpers import sha256
 
 
@@ -231,15 +232,38 @@ async def test_invalid_counts_and_warnings_are_kept(
     assert sandbox.state.segments["77"].members == {"ok@example.com", "also.ok@example.org"}
 
 
-async def test_deprecated_version_is_logged(
+async def test_a_deprecated_version_is_warned_once_per_run_and_shown_by_status(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """Two runs in one long-lived runtime (the daemon's case): one warning each, naming
+    the version and the sunset; status shows it with the days left."""
+    await setup_segments(conn, sandbox, count=1, per_segment=3)
+    settings = with_env(env, CRITEO_API_VERSION="2026-01", SYNCD_CHUNK_SIZE="1")
+    with capture_logs() as logs:
+        async with Runtime.open(settings) as runtime:
+            assert (await run_sync(runtime)).exit_code == 0
+            await conn.execute(
+                "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
+                "VALUES ('s0', 'late@example.com', 'add')"
+            )
+            assert (await run_sync(runtime)).exit_code == 0
+    warned = [e for e in logs if e["event"] == "criteo_api_version_deprecated"]
+    assert [(e["api_version"], e["sunset"]) for e in warned] == [
+        ("2026-01", "2027-01-27T00:00:00+00:00")
+    ] * 2
+    notice = (await status.read(conn)).api_notice
+    assert notice is not None and notice["api_version"] == "2026-01"
+    text = report.status_text(await status.read(conn))
+    assert "Criteo API version 2026-01 is deprecated: sunset 2027-01-27" in text
+    assert "days left" in text and "CRITEO_API_VERSION" in text
+
+
+async def test_a_current_version_shows_no_notice(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
     await setup_segments(conn, sandbox, count=1, per_segment=3)
-    with capture_logs() as logs:
-        summary = await sync_once(with_env(env, CRITEO_API_VERSION="2026-01"))
-    assert summary.exit_code == 0
-    warned = [e for e in logs if e["event"] == "criteo_api_version_deprecated"]
-    assert len(warned) == 1 and warned[0]["sunset"]
+    assert (await sync_once(with_env(env))).exit_code == 0
+    assert (await status.read(conn)).api_notice is None
 
 
 async def test_logs_carry_no_identifier_or_secret(

@@ -144,3 +144,8 @@ GROUP BY segment_key, state ORDER BY segment_key, state;
 -- replica does not look like a deployment that never succeeded.
 SELECT extract(epoch FROM max(finished_at))::float8
 FROM syncd.sync_runs WHERE status = 'succeeded';
+
+-- name: record_api_notice
+-- The API version a run used, whether Criteo called it deprecated, and the sunset date.
+UPDATE syncd.sync_runs SET api_version = $2, api_deprecated = $3, api_sunset = $4
+WHERE id = $1;

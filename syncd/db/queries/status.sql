@@ -87,3 +87,14 @@ SELECT id, status, made_window, target_window, finished_at, error
 FROM syncd.sync_runs
 WHERE status IN ('succeeded', 'failed', 'crashed')
 ORDER BY id DESC LIMIT 1;
+
+-- name: api_notice
+-- The API version the latest run that talked to Criteo used, if Criteo called it
+-- deprecated then: the version, the sunset date, the days left. No row otherwise.
+SELECT api_version, api_sunset,
+    floor(extract(epoch FROM api_sunset - now()) / 86400)::int AS days_left
+FROM (
+    SELECT api_version, api_deprecated, api_sunset FROM syncd.sync_runs
+    WHERE api_version IS NOT NULL ORDER BY id DESC LIMIT 1
+) latest
+WHERE api_deprecated;
