@@ -65,18 +65,21 @@ $$;
 
 -- An identifier as stored: a tag byte, then its bytes. Tag 0: an even-length lower-case
 -- hex string (SHA-256, MD5 and SHA-256-of-MD5 hashes), stored decoded; tag 1: anything
--- else, its UTF-8 bytes. Lossless both ways: ledger_unpack(ledger_pack(x)) = x. Not STRICT:
--- a STRICT SQL function around a CASE is not inlined, which cost 2 s per 800,000 rows.
+-- else, its UTF-8 bytes. Lossless both ways: ledger_unpack(ledger_pack(x)) = x. Declared
+-- STABLE, like convert_to inside it, and not STRICT, so that PostgreSQL inlines it: called
+-- as a function it cost 3.4 s per 800,000 identifiers instead of about 1 s.
 CREATE FUNCTION syncd.ledger_pack(identifier text) RETURNS bytea
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN identifier ~ '^([0-9a-f]{2})+$'
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN octet_length(identifier) % 2 = 0 AND identifier ~ '^[0-9a-f]+$'
         THEN '\x00'::bytea || decode(identifier, 'hex')
         ELSE '\x01'::bytea || convert_to(identifier, 'UTF8')
     END
 $$;
 
+-- Reading back (STABLE: convert_from depends on the encoding). Readers compare packed
+-- values where they can, so this is off the hot paths.
 CREATE FUNCTION syncd.ledger_unpack(packed bytea) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE get_byte(packed, 0)
         WHEN 0 THEN encode(substring(packed FROM 2), 'hex')
         ELSE convert_from(substring(packed FROM 2), 'UTF8')
