@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from syncd import plan
+from syncd import ledger, plan
 from syncd.config import Settings
 from syncd.db import query
 from syncd.db.migrations import check_schema
@@ -283,6 +283,10 @@ async def run_slot(
             try:
                 run = SyncRun(runtime, run_id, sleep, stop)
                 await run.execute(lock)
+                if not run.stop.is_set():
+                    # After the last chunk: Criteo has everything this run sent, so the
+                    # ledger's index work delays nothing on its way to a window.
+                    await ledger.fold(runtime.pool)
             except asyncio.CancelledError:
                 status, error = "interrupted", "cancelled"
                 raise

@@ -10,6 +10,7 @@ running older syncd and a newer one must agree on them.
 |                    |                                           | connection, for its life    |
 | migrations         | (MIGRATION_LOCK_NAMESPACE, MIGRATE)       | transaction (`migrate`)     |
 | plan of a segment  | (hashtext('syncd.plan'), hashtext(key))   | session, around one plan    |
+| ledger fold        | (LEDGER_LOCK_NAMESPACE, FOLD)             | transaction (one fold batch)|
 
 The run liveness key is also spelt in SQL: `syncd.run_is_alive()` (sql/0001_init.sql)
 and `hold_run_lock` (queries/runs.sql); a test holds them equal to the constant here.
@@ -23,3 +24,6 @@ RUN_LOCK_NAMESPACE = 0x73796E63
 # key of run 1's liveness lock, so `syncd migrate` waited while run 1 was alive.)
 MIGRATION_LOCK_NAMESPACE = 0x73796E6D
 MIGRATE = 1
+# 'synl' as an int4: folding the acknowledged chunks into the ledger, one fold at a time.
+LEDGER_LOCK_NAMESPACE = 0x73796E6C
+FOLD = 1

@@ -64,11 +64,11 @@ RETURNING id;
 -- Record a chunk's outcome and its audit row in one statement, fenced by the lease:
 -- no row comes back when another run owns the chunk now, and nothing is written.
 -- The audit row names the chunk's own target: where the request went.
--- $3 new state: 'done' drops the payload; 'pending' waits $4 seconds; 'failed' keeps it.
+-- $3 new state: 'done' (acknowledged: the chunk and its payload are now the ledger's log,
+-- see sql/0012_ledger.sql); 'pending' waits $4 seconds; 'failed' keeps it for the next run.
 WITH chunk AS (
     UPDATE syncd.chunks c
     SET state = $3,
-        payload = CASE WHEN $3 = 'done' THEN NULL ELSE c.payload END,
         done_at = CASE WHEN $3 = 'done' THEN now() END,
         available_at = now() + make_interval(secs => $4),
         owner_run_id = NULL, lease_until = NULL,

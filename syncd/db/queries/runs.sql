@@ -74,11 +74,16 @@ WHERE state = 'failed'
 RETURNING id;
 
 -- name: prune_history
--- Forget acknowledged plans, and rejected identifiers, older than the retention period.
+-- Forget acknowledged (and folded) plans, and rejected identifiers, older than the
+-- retention period.
 WITH old_plans AS (
     DELETE FROM syncd.plans p
     WHERE p.created_at < now() - make_interval(days => $1)
-      AND NOT EXISTS (SELECT 1 FROM syncd.chunks c WHERE c.plan_id = p.id AND c.state <> 'done')
+      AND NOT EXISTS (
+          -- open, or acknowledged and not yet folded into the ledger
+          SELECT 1 FROM syncd.chunks c
+          WHERE c.plan_id = p.id AND (c.state <> 'done' OR c.payload IS NOT NULL)
+      )
     RETURNING 1
 ), old_rejected AS (
     DELETE FROM syncd.rejected_identifiers

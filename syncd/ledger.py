@@ -1,0 +1,53 @@
+"""The ledger: per Criteo segment, the identifiers Criteo has acknowledged.
+
+Its log is the acknowledged chunks (finish_chunk keeps their payload, in the statement
+that records the outcome); `fold` applies that log to syncd.ledger in plan order and
+drops the payloads. Runs fold after their last chunk, so the index work never delays a
+change on its way to Criteo; readers fold first. See sql/0012_ledger.sql.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from syncd.db import locks, query
+from syncd.logging import get_logger
+
+log = get_logger(__name__)
+
+# Chunks per fold transaction: at most 50 x 50,000 identifiers sorted at once, and a
+# transaction short enough not to hold up a prune or another fold for long.
+FOLD_BATCH_CHUNKS = 50
+
+
+@dataclass
+class Folded:
+    chunks: int = 0
+    added: int = 0
+    removed: int = 0
+
+
+async def fold(pool: Any) -> Folded:
+    """Fold every acknowledged chunk not folded yet into the ledger; logs ledger_folded."""
+    started = time.monotonic()
+    total = Folded()
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(query("lock_ledger_fold"), locks.LEDGER_LOCK_NAMESPACE, locks.FOLD)
+            row = await conn.fetchrow(query("fold_ledger"), FOLD_BATCH_CHUNKS)
+        total.chunks += row["chunks"]
+        total.added += row["added"]
+        total.removed += row["removed"]
+        if row["chunks"] < FOLD_BATCH_CHUNKS:
+            break
+    if total.chunks:
+        log.info(
+            "ledger_folded",
+            chunks=total.chunks,
+            added=total.added,
+            removed=total.removed,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+    return total
