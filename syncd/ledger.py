@@ -2,8 +2,10 @@
 
 Its log is the acknowledged chunks (finish_chunk keeps their payload, in the statement
 that records the outcome); `fold` applies that log to syncd.ledger in plan order and
-drops the payloads. Runs fold after their last chunk, so the index work never delays a
-change on its way to Criteo; readers fold first. See sql/0012_ledger.sql.
+drops the payloads. Folding is index work (about as much PostgreSQL CPU as planning the
+same changes), so it stays off the path to Criteo: the daemon folds after each run, a
+run folds what earlier runs left before it plans, and readers (verification, mirror
+diffs, erasure) fold first. See sql/0012_ledger.sql.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ class Folded:
     removed: int = 0
 
 
-async def fold(pool: Any) -> Folded:
-    """Fold every acknowledged chunk not folded yet into the ledger; logs ledger_folded."""
+async def fold(conn: Any) -> Folded:
+    """Fold every acknowledged chunk not folded yet into the ledger, one transaction per
+    batch; logs ledger_folded when there was anything to fold."""
     started = time.monotonic()
     total = Folded()
     while True:
-        async with pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             await conn.execute(query("lock_ledger_fold"), locks.LEDGER_LOCK_NAMESPACE, locks.FOLD)
             row = await conn.fetchrow(query("fold_ledger"), FOLD_BATCH_CHUNKS)
         total.chunks += row["chunks"]

@@ -260,6 +260,11 @@ async def run_slot(
     try:
         await check_schema(lock.conn)
         dead = await lock.conn.fetch(query("mark_dead_runs"))
+        # What earlier runs acknowledged and nobody folded yet (the daemon folds after each
+        # run; a one-shot `syncd sync` leaves its own to the next run or reader). On the
+        # pool: the lock connection is the run's liveness, kept free for its heartbeat.
+        async with runtime.pool.acquire() as conn:
+            await ledger.fold(conn)
         row = await lock.start_run(trigger, slot)
         if row is None:
             return None
@@ -283,10 +288,6 @@ async def run_slot(
             try:
                 run = SyncRun(runtime, run_id, sleep, stop)
                 await run.execute(lock)
-                if not run.stop.is_set():
-                    # After the last chunk: Criteo has everything this run sent, so the
-                    # ledger's index work delays nothing on its way to a window.
-                    await ledger.fold(runtime.pool)
             except asyncio.CancelledError:
                 status, error = "interrupted", "cancelled"
                 raise

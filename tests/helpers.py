@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
+from syncd import links
 from syncd.identifiers import normalise
 from syncd.sandbox import RunningSandbox
 
@@ -119,15 +120,25 @@ async def insert_changes(conn: Any, rows: Iterable[Change]) -> None:
     )
 
 
-async def insert_generated_changes(conn: Any, key: str, count: int, operation: str = "add") -> None:
-    """`count` changes user1@example.com ... user<count>@example.com of one segment key."""
+async def insert_generated_changes(
+    conn: Any, key: str, count: int, operation: str = "add", *, first: int = 1
+) -> None:
+    """`count` changes user<first>@example.com ... of one segment key, written in SQL."""
     await conn.execute(
         "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
-        "SELECT $1, 'user' || g || '@example.com', $3 FROM generate_series(1, $2) g",
+        "SELECT $1, 'user' || g || '@example.com', $3 "
+        "FROM generate_series($4::int, $4::int + $2::int - 1) g",
         key,
         count,
         operation,
+        first,
     )
+
+
+async def link_in_process(conn: Any, sandbox: RunningSandbox, key: str, criteo_id: str) -> None:
+    """A Retail Media email segment in the sandbox, linked without the CLI (in process)."""
+    sandbox.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
+    await links.link(conn, links.Link(key, criteo_id, "email"))
 
 
 def one_line_error(result: CliResult, code: int, *needles: str) -> str:

@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from syncd import ledger
 from syncd.config import Settings
 from syncd.daemon import metrics
 from syncd.daemon.schedule import (
@@ -226,7 +227,18 @@ class Service:
             self._watched = self._watched_once = slot
         else:
             await self._account(slot, summary)
+            await self._fold_ledger()
         return clean
+
+    async def _fold_ledger(self) -> None:
+        """After a run, with Criteo already holding what it sent: fold its acknowledged
+        chunks into the ledger, so the next run starts with nothing to fold. A failure
+        waits for the next run (which folds first) and never ends the process."""
+        try:
+            async with self.runtime.pool.acquire() as conn:
+                await ledger.fold(conn)
+        except Exception as exc:  # the database may be away: the next run folds
+            log.warning("ledger_fold_deferred", error_type=type(exc).__name__)
 
     async def _drain(self, task: asyncio.Task[Any], force: asyncio.Event) -> bool:
         """Stopping with a run in flight: it claims nothing more (it saw `stop`); its

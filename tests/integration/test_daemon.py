@@ -17,7 +17,7 @@ import psutil
 import structlog
 from structlog.testing import capture_logs
 
-from syncd import links, report, status
+from syncd import report, status
 from syncd.config import Settings
 from syncd.daemon import metrics
 from syncd.daemon.schedule import Slot, next_window
@@ -25,23 +25,7 @@ from syncd.daemon.service import Service
 from syncd.db import query
 from syncd.runtime import Runtime
 from syncd.sandbox import RunningSandbox
-from tests.helpers import control, wait_until
-
-
-async def link_segment(conn: Any, sandbox: RunningSandbox, key: str, criteo_id: str) -> None:
-    sandbox.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
-    await links.link(conn, links.Link(key, criteo_id, "email"))
-
-
-async def add_changes(conn: Any, key: str, count: int, start: int = 0) -> None:
-    await conn.execute(
-        "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
-        "SELECT $1, 'user' || g || '@example.com', 'add' "
-        "FROM generate_series($3::int, $3::int + $2::int - 1) g",
-        key,
-        count,
-        start,
-    )
+from tests.helpers import control, insert_generated_changes, link_in_process, wait_until
 
 
 def slot_in(seconds: float, kind: str = "window") -> Slot:
@@ -74,8 +58,8 @@ async def test_a_run_that_ends_after_its_window_logs_window_missed(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
     settings = Settings.from_env({**env, "SYNCD_LEAD_MINUTES": "0", "SYNCD_CHUNK_SIZE": "10"})
-    await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 20)  # two chunks
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 20)  # two chunks
     await control(sandbox, "POST", "faults", {"latency_ms": 1200})
 
     def sample(name: str, **labels: str) -> float:
@@ -126,8 +110,8 @@ async def test_a_window_run_that_leaves_work_logs_the_segments_it_left(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
     settings = Settings.from_env({**env, "SYNCD_LEAD_MINUTES": "0", "SYNCD_MAX_ATTEMPTS": "1"})
-    await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 5)
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 5)
     await control(sandbox, "POST", "faults", {"script": [{"status": 400}]})
     async with Runtime.open(settings) as runtime:
         service = Service(runtime, sleep=quick)
@@ -214,8 +198,8 @@ async def test_the_database_lost_under_a_running_daemon_is_waited_for_and_nothin
             "SYNCD_LEASE_S": "6",
         }
     )
-    await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 100)  # ten chunks
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 100)  # ten chunks
     await control(sandbox, "POST", "faults", {"latency_ms": 400})
     async with Runtime.open(settings) as runtime:
         service = Service(runtime, sleep=quick)
@@ -267,14 +251,14 @@ async def test_memory_stays_flat_over_many_runs(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
     settings = Settings.from_env({**env, "SYNCD_CHUNK_SIZE": "50", "SYNCD_LEAD_MINUTES": "0"})
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     process = psutil.Process()
     rss: dict[int, int] = {}
     async with Runtime.open(settings) as runtime:
         service = Service(runtime, sleep=quick)
         stop, force = asyncio.Event(), asyncio.Event()
         for n in range(1, 61):
-            await add_changes(conn, "vip", 100, start=n * 1000)
+            await insert_generated_changes(conn, "vip", 100, first=n * 1000)
             assert await service.run_once(slot_in(3600 + n, "interval"), stop, force)
             if n in (10, 60):
                 gc.collect()
@@ -319,8 +303,8 @@ async def test_a_slot_held_by_a_replica_that_dies_is_taken_over_before_its_windo
     conn: Any, sandbox: RunningSandbox, env: dict[str, str], database_url: str
 ) -> None:
     settings = Settings.from_env({**env, "SYNCD_LEAD_MINUTES": "0"})
-    await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 30)
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 30)
     slot = slot_in(3600)
     # Another replica runs the slot: its row, and its liveness lock on its own connection.
     other = await asyncpg.connect(database_url)
@@ -363,8 +347,8 @@ async def test_criteo_down_fails_a_run_not_the_service_and_the_next_run_finishes
     settings = Settings.from_env(
         {**env, "SYNCD_CHUNK_SIZE": "10", "SYNCD_MAX_ATTEMPTS": "2", "SYNCD_LEAD_MINUTES": "0"}
     )
-    await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 30)  # three chunks
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 30)  # three chunks
     await control(sandbox, "POST", "faults", {"fault_rate_5xx": 1.0})  # Criteo is down
     stop, force = asyncio.Event(), asyncio.Event()
     async with Runtime.open(settings) as runtime:
@@ -390,8 +374,8 @@ async def test_slots_due_together_run_one_after_the_other_window_first(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
     settings = Settings.from_env({**env, "SYNCD_LEAD_MINUTES": "0", "SYNCD_CHUNK_SIZE": "10"})
-    await link_segment(conn, sandbox, "vip", "1001")
-    await add_changes(conn, "vip", 30)
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 30)
     await control(sandbox, "POST", "faults", {"latency_ms": 300})
     async with Runtime.open(settings) as runtime:
         service = Service(runtime, sleep=quick)
@@ -413,3 +397,21 @@ async def test_slots_due_together_run_one_after_the_other_window_first(
     )
     assert (first["trigger"], second["trigger"]) == ("window", "interval")
     assert second["started_at"] >= first["finished_at"]  # never two runs at once
+
+
+async def test_the_daemon_folds_the_ledger_after_each_run(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """After its run, with Criteo holding everything: the next run starts with nothing
+    to fold, and the ledger is whole for readers."""
+    settings = Settings.from_env({**env, "SYNCD_CHUNK_SIZE": "10"})
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await insert_generated_changes(conn, "vip", 30)
+    async with Runtime.open(settings) as runtime:
+        service = Service(runtime, sleep=quick)
+        assert await service.run_once(slot_in(3600, "interval"), asyncio.Event(), asyncio.Event())
+    rows = await conn.fetch(
+        "SELECT identifier FROM syncd.ledger_members WHERE criteo_segment_id = '1001'"
+    )
+    assert {r["identifier"] for r in rows} == sandbox.state.segments["1001"].members
+    assert await conn.fetchval("SELECT count(*) FROM syncd.chunks WHERE payload IS NOT NULL") == 0

@@ -13,14 +13,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from syncd import links
 from syncd.config import Settings
 from syncd.criteo import CriteoClient
 from syncd.db import create_pool, query
 from syncd.plan import plan_segment
 from syncd.push import Pusher
 from syncd.sandbox import RunningSandbox
-from tests.helpers import control
+from tests.helpers import control, link_in_process
 
 
 async def live_run(database_url: str) -> tuple[Any, int]:
@@ -87,11 +86,6 @@ async def pushers(
         await pool.close()
 
 
-async def link_segment(conn: Any, sandbox: RunningSandbox, key: str, criteo_id: str) -> None:
-    sandbox.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
-    await links.link(conn, links.Link(key, criteo_id, "email"))
-
-
 async def chunk_row(conn: Any, chunk_id: int) -> dict[str, Any]:
     return dict(await conn.fetchrow("SELECT * FROM syncd.chunks WHERE id = $1", chunk_id))
 
@@ -102,7 +96,7 @@ async def test_a_late_finish_after_the_lease_ran_out_changes_nothing(
     """Run A's request is slow; its lease runs out; run B takes the chunk over and has it
     acknowledged; A's answer then arrives: A writes a `lease_lost` audit row and nothing
     else (the finalise is fenced by the lease)."""
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     answered, release = asyncio.Event(), asyncio.Event()
     async with (
         held_answers(settings, answered, release) as slow,
@@ -139,7 +133,7 @@ async def test_a_late_finish_after_the_lease_ran_out_changes_nothing(
 async def test_a_live_runs_claim_is_taken_over_only_after_its_lease_runs_out(
     conn: Any, database_url: str, sandbox: RunningSandbox, settings: Settings
 ) -> None:
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     async with (
         CriteoClient.open(settings) as client,
         pushers(database_url, settings, [client, client]) as (pool, [(a, run_a), (b, run_b)]),
@@ -162,7 +156,7 @@ async def test_a_live_runs_claim_is_taken_over_only_after_its_lease_runs_out(
 async def test_a_stopping_run_releases_its_claims_and_only_its_own(
     conn: Any, database_url: str, sandbox: RunningSandbox, settings: Settings
 ) -> None:
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     async with (
         CriteoClient.open(settings) as client,
         pushers(database_url, settings, [client, client]) as (pool, [(a, run_a), (b, run_b)]),
@@ -187,8 +181,8 @@ async def test_a_later_plans_chunk_waits_until_the_earlier_plan_is_done(
     """Order per segment, at the claim: plan 1 adds x and y (two chunks, which may go in
     parallel), plan 2 removes x; plan 2's chunk is claimable only once both of plan 1's
     chunks are done, a failed one included. Another segment is not held up."""
-    await link_segment(conn, sandbox, "vip", "1001")
-    await link_segment(conn, sandbox, "other", "1002")
+    await link_in_process(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "other", "1002")
     async with (
         CriteoClient.open(settings) as client,
         pushers(database_url, settings, [client]) as (pool, [(pusher, run_id)]),

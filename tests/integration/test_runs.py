@@ -11,7 +11,7 @@ import asyncpg
 import structlog
 from structlog.testing import capture_logs
 
-from syncd import links, plan, report, status
+from syncd import plan, report, status
 from syncd.config import Settings
 from syncd.criteo import CriteoClient
 from syncd.db import create_pool, query
@@ -20,12 +20,7 @@ from syncd.db.locks import MIGRATION_LOCK_NAMESPACE, RUN_LOCK_NAMESPACE
 from syncd.push import Pusher
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
-from tests.helpers import control, insert_generated_changes, wait_until
-
-
-async def link_segment(conn: Any, sandbox: RunningSandbox, key: str, criteo_id: str) -> None:
-    sandbox.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
-    await links.link(conn, links.Link(key, criteo_id, "email"))
+from tests.helpers import control, insert_generated_changes, link_in_process, wait_until
 
 
 def with_env(env: dict[str, str], **extra: str) -> Settings:
@@ -59,7 +54,7 @@ async def test_a_run_that_loses_its_lock_stops_and_its_chunk_is_not_taken_over_a
         SYNCD_CHUNK_SIZE="10",
         SYNCD_CONCURRENCY="1",
     )
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 30)  # three chunks
     await control(sandbox, "POST", "faults", {"latency_ms": 1500})
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
@@ -103,7 +98,7 @@ async def test_a_dead_runs_claims_wait_for_its_takeover_bound(
 ) -> None:
     """A run whose lock is gone may still have a request in flight: its claims are taken
     over once its last heartbeat is older than the bound it recorded, not before."""
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 5)
     pool = await create_pool(settings)
     try:
@@ -147,7 +142,7 @@ async def test_a_run_whose_heartbeat_is_stale_sends_nothing(
 ) -> None:
     """The database refuses a send (the lease renewal before it) once a run's last
     heartbeat is older than the time it vouches for, whatever the run's process believes."""
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 5)
     pool = await create_pool(settings)
     try:
@@ -175,7 +170,7 @@ async def test_the_lock_connection_outlives_idle_session_timeout(
     name = await conn.fetchval("SELECT current_database()")
     await conn.execute(f"ALTER DATABASE {name} SET idle_session_timeout = '400ms'")
     settings = with_env(env, SYNCD_HTTP_TIMEOUT_S="3", SYNCD_LEASE_S="10")
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 5)
     await control(sandbox, "POST", "faults", {"latency_ms": 1500})
     with capture_logs() as logs:
@@ -215,7 +210,7 @@ async def test_status_of_a_killed_run_takes_its_totals_from_the_audit(
 ) -> None:
     """A run killed with kill -9 never wrote its totals: status counts them from its plans
     and its audit rows."""
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 20)
     await conn.execute(
         "INSERT INTO syncd.membership_changes (segment_key, identifier, operation) "
@@ -249,7 +244,7 @@ async def test_status_of_a_killed_run_takes_its_totals_from_the_audit(
 async def test_a_failed_run_with_chunks_left_did_not_make_the_window(
     conn: Any, sandbox: RunningSandbox, settings: Settings
 ) -> None:
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 5)
     await control(sandbox, "POST", "faults", {"script": [{"status": 400}]})
     summary = await sync_once(settings)
@@ -279,7 +274,7 @@ async def test_status_with_no_runs_asked_for(
 async def test_plan_preview_uses_up_no_run_id(
     conn: Any, sandbox: RunningSandbox, settings: Settings
 ) -> None:
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 5)
     for _ in range(2):
         [previewed] = await plan.preview(conn, 50_000)
@@ -296,7 +291,7 @@ async def test_the_run_summary_says_changes_wait_for_an_unlinked_key(
     summary = await sync_once(settings)
     text = report.run_summary(summary)
     assert "3 change(s) wait for a link: ghost" in text, text
-    await link_segment(conn, sandbox, "vip", "1001")
+    await link_in_process(conn, sandbox, "vip", "1001")
     await insert_generated_changes(conn, "vip", 2)
     summary = await sync_once(settings)
     text = report.run_summary(summary)
@@ -314,7 +309,7 @@ async def test_every_line_of_a_run_carries_its_run_id(
     did it (the database says which run that was)."""
     settings = with_env(env, SYNCD_CHUNK_SIZE="10", SYNCD_CONCURRENCY="2")
     for n in range(4):
-        await link_segment(conn, sandbox, f"s{n}", str(1000 + n))
+        await link_in_process(conn, sandbox, f"s{n}", str(1000 + n))
         await insert_generated_changes(conn, f"s{n}", 50)
     await control(sandbox, "POST", "faults", {"latency_ms": 100})
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
