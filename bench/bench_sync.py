@@ -361,6 +361,17 @@ class Bench:
         finally:
             await conn.close()
 
+    async def fold_ledger(self) -> float:
+        from syncd import ledger
+
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            started = time.perf_counter()
+            await ledger.fold(conn)
+            return round(time.perf_counter() - started, 2)
+        finally:
+            await conn.close()
+
     async def last_run(self) -> dict[str, Any]:
         conn = await asyncpg.connect(self.database_url)
         try:
@@ -453,6 +464,9 @@ class Bench:
                 "concurrency": int(env.get("SYNCD_CONCURRENCY", 8)),
                 "plan_concurrency": int(env.get("SYNCD_PLAN_CONCURRENCY", 2)),
                 "phases": syncd_phases(output, child["started_wall"]),
+                # The ledger's fold, which `syncd sync` leaves to the daemon's idle time or
+                # the next run: timed here on its own, outside the run's wall time.
+                "ledger_fold_s": await self.fold_ledger(),
             }
         else:
             seq = json.loads(output.strip().splitlines()[-1])
@@ -599,6 +613,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
         if r.get("phases"):
             print(f"{r['mode']} phases (s): {json.dumps(r['phases'])}")
+        if r.get("ledger_fold_s") is not None:
+            print(f"{r['mode']} ledger fold afterwards (s): {r['ledger_fold_s']}")
         if r.get("postgres"):
             print(f"{r['mode']} postgres: {json.dumps(r['postgres'])}")
 
