@@ -108,6 +108,8 @@ class Settings:
     shutdown_grace_s: float = 20.0  # below Kubernetes' default 30 s termination grace
     http_host: str = ALL_INTERFACES
     http_port: int = 8080  # 0: no HTTP server
+    verify_after_hours: float = 5.0  # after each window: Criteo's ~5 h to compute; 0: off
+    verify_tolerance: float = 0.02
     # -- more Criteo apps than the default one (CRITEO_APPS) --
     criteo_apps: tuple[CriteoApp, ...] = ()
 
@@ -167,6 +169,8 @@ class Settings:
             shutdown_grace_s=_get(e, "SYNCD_SHUTDOWN_GRACE_S", _float_in(0, 3600), default=20.0),
             http_host=_get(e, "SYNCD_HTTP_HOST", _host, default=ALL_INTERFACES),
             http_port=_get(e, "SYNCD_HTTP_PORT", _int_in(0, 65535), default=8080),
+            verify_after_hours=_get(e, "SYNCD_VERIFY_AFTER_HOURS", _float_in(0, 23), default=5.0),
+            verify_tolerance=_get(e, "SYNCD_VERIFY_TOLERANCE", _float_in(0, 1), default=0.02),
             criteo_apps=_apps(e),
         )
         if settings.lease_s < settings.http_timeout_s * 2:

@@ -185,6 +185,20 @@ def _api_notice(notice: Any) -> list[str]:
     ]
 
 
+def _verifications(rows: Sequence[Any]) -> list[str]:
+    """Each segment's last post-window check: what Criteo counts against what syncd has
+    acknowledged (the ledger)."""
+    if not rows:
+        return []
+    table_rows = []
+    for r in rows:
+        theirs, ours = r["number_of_identifiers"], r["acknowledged"]
+        diff = "-" if theirs is None or ours is None else f"{theirs - ours:+,}"
+        table_rows.append([r["segment_key"], r["verified_window"], theirs, ours, diff])
+    headers = ["key", "window", "Criteo counts", "syncd acknowledged", "difference"]
+    return ["last verification per segment:", table(headers, table_rows)]
+
+
 def status_text(s: Status) -> str:
     """`syncd status`, as text."""
     parts = _api_notice(s.api_notice)
@@ -203,6 +217,7 @@ def status_text(s: Status) -> str:
         else "  none"
     )
     parts += _failed_and_unsendable(s)
+    parts += _verifications(s.verifications)
     if s.budgets:
         parts.append("Criteo call budgets (each app's, shared by every process):")
         parts.append(budgets_table(s.budgets))

@@ -100,10 +100,19 @@ class Reading:
     criteo_segment_id: str
     statistics: remote.Statistics | None  # None: Criteo does not compute them for this list
     read_at: Any
+    acknowledged: int | None = None  # a verification's: the ledger's count for the segment
 
 
-async def read_statistics(conn: Any, clients: Clients, segment_key: str | None) -> list[Reading]:
-    """Read Criteo's statistics for one linked segment or all, and record each reading."""
+async def read_statistics(
+    conn: Any,
+    clients: Clients,
+    segment_key: str | None,
+    *,
+    window: Any = None,
+    acknowledged: Callable[[Any], Awaitable[int]] | None = None,
+) -> list[Reading]:
+    """Read Criteo's statistics for one linked segment or all, and record each reading;
+    for a verification (`window`), with the count syncd has acknowledged for each."""
     if segment_key is not None:
         rows = [await _linked(conn, segment_key)]
     else:
@@ -114,6 +123,7 @@ async def read_statistics(conn: Any, clients: Clients, segment_key: str | None) 
         stats = await remote.statistics(
             client, link["api"], link["account_id"], link["criteo_segment_id"]
         )
+        ours = None if acknowledged is None else await acknowledged(link)
         read_at = await conn.fetchval(
             query("insert_segment_stats"),
             link["segment_key"],
@@ -123,8 +133,9 @@ async def read_statistics(conn: Any, clients: Clients, segment_key: str | None) 
             stats.identifiers if stats else None,
             stats.matches if stats else None,
             stats.match_rate if stats else None,
+            ours,
+            window,
         )
-        readings.append(
-            Reading(link["segment_key"], link["api"], link["criteo_segment_id"], stats, read_at)
-        )
+        key, api, segment_id = link["segment_key"], link["api"], link["criteo_segment_id"]
+        readings.append(Reading(key, api, segment_id, stats, read_at, ours))
     return readings

@@ -34,6 +34,8 @@ class Status:
     budgets: list[Any] = field(default_factory=list)  # each Criteo app's call budget
     # Criteo called the configured API version deprecated in the latest run: its sunset.
     api_notice: Any = None
+    # Each segment's latest post-window verification (Criteo's count against syncd's).
+    verifications: list[Any] = field(default_factory=list)
 
 
 async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WINDOWS) -> Status:
@@ -53,6 +55,7 @@ async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WI
         ),
         budgets=list(await conn.fetch(query("budget_use"))),
         api_notice=await conn.fetchrow(query("api_notice")),
+        verifications=list(await conn.fetch(query("last_verifications"))),
     )
 
 

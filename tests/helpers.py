@@ -138,7 +138,7 @@ async def insert_generated_changes(
 async def link_in_process(conn: Any, sandbox: RunningSandbox, key: str, criteo_id: str) -> None:
     """A Retail Media email segment in the sandbox, linked without the CLI (in process)."""
     sandbox.state.add_segment("retail-media", "42", "email", segment_id=criteo_id)
-    await links.link(conn, links.Link(key, criteo_id, "email"))
+    await links.link(conn, links.Link(key, criteo_id, "email", account_id="42"))
 
 
 def one_line_error(result: CliResult, code: int, *needles: str) -> str:

@@ -53,6 +53,23 @@ def next_window(now: dt.datetime, windows: Sequence[dt.time]) -> dt.datetime:
     raise ValueError("no window configured")
 
 
+def last_window(now: dt.datetime, windows: Sequence[dt.time]) -> dt.datetime:
+    """The latest window at or before `now`."""
+    now = now.astimezone(dt.UTC)
+    for days in range(2):
+        day = now.date() - dt.timedelta(days=days)
+        for time in sorted(windows, reverse=True):
+            candidate = dt.datetime.combine(day, time, tzinfo=dt.UTC)
+            if candidate <= now:
+                return candidate
+    raise ValueError("no window configured")
+
+
+def verify_cron_fields(window: dt.time, after_hours: float) -> dict[str, int]:
+    """The CronTrigger hour and minute that fire `after_hours` after a daily window."""
+    return cron_fields(window, -round(after_hours * 60))
+
+
 def window_slot(now: dt.datetime, windows: Sequence[dt.time]) -> Slot:
     """The window slot a run fired (or started late) at `now` targets."""
     window = next_window(now, windows)
@@ -101,9 +118,12 @@ def build_scheduler(
     lead_minutes: int,
     interval_minutes: int,
     fire: Callable[[SlotKind], Awaitable[None]],
+    verify: Callable[[], Awaitable[None]] | None = None,
+    verify_after_hours: float = 0.0,
 ) -> Any:
     """An AsyncIOScheduler (UTC, in-memory) with one cron job per window and, when set, one
-    interval job. Each job only calls `fire(kind)`; start it from inside the event loop."""
+    interval job. Each job only calls `fire(kind)`; start it from inside the event loop.
+    With `verify`, also one job `verify_after_hours` after each window."""
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
@@ -130,4 +150,13 @@ def build_scheduler(
             replace_existing=True,
             **job,
         )
+    if verify is not None and verify_after_hours > 0:
+        for window in sorted(set(windows)):
+            scheduler.add_job(
+                verify,
+                CronTrigger(**verify_cron_fields(window, verify_after_hours), timezone=dt.UTC),
+                id=f"verify-{window.strftime('%H%M')}",
+                replace_existing=True,
+                **job,
+            )
     return scheduler

@@ -38,6 +38,7 @@ from syncd.daemon.schedule import (
     build_scheduler,
     due_at_start,
     interval_slot,
+    last_window,
     next_window,
     window_slot,
 )
@@ -48,6 +49,7 @@ from syncd.errors import ConfigError, DatabaseUnavailable
 from syncd.logging import get_logger
 from syncd.runtime import Runtime
 from syncd.sync import RunSummary, run_slot
+from syncd.verify import verify_window
 
 log = get_logger(__name__)
 
@@ -108,6 +110,19 @@ class Service:
         else:
             self.request(interval_slot(now, s.windows_utc, s.interval_minutes))
 
+    async def verify(self) -> None:
+        """The verification job: the window Criteo has had its hours to compute. Read-only
+        towards Criteo, so it may overlap a run; a failure is logged, never raised."""
+        s = self.settings
+        now = self._clock() - dt.timedelta(hours=s.verify_after_hours)
+        window = last_window(now, s.windows_utc)
+        try:
+            await verify_window(self.runtime, window)
+        except Exception as exc:  # the database or Criteo away: the next window's verifies
+            log.warning(
+                "verification_failed", window=window.isoformat(), error_type=type(exc).__name__
+            )
+
     def request(self, slot: Slot) -> None:
         self._pending[slot.kind] = slot
         self._wake.set()
@@ -118,7 +133,12 @@ class Service:
         force = force or asyncio.Event()
         s = self.settings
         self._scheduler = build_scheduler(
-            s.windows_utc, s.lead_minutes, s.interval_minutes, self.fire
+            s.windows_utc,
+            s.lead_minutes,
+            s.interval_minutes,
+            self.fire,
+            verify=self.verify,
+            verify_after_hours=s.verify_after_hours,
         )
         self._scheduler.start()
         metrics.NEXT_WINDOW_SECONDS.set_function(self.seconds_to_next_window)

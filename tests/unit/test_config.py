@@ -238,6 +238,8 @@ def test_windows_are_sorted_and_deduplicated() -> None:
         ("SYNCD_LEAD_MINUTES", "721", "SYNCD_LEAD_MINUTES: 721 is out of range"),
         ("SYNCD_HTTP_PORT", "70000", "SYNCD_HTTP_PORT: 70000 is out of range"),
         ("SYNCD_HTTP_HOST", "a b", "SYNCD_HTTP_HOST: 'a b' is not an IP address or host name"),
+        ("SYNCD_VERIFY_AFTER_HOURS", "24", "SYNCD_VERIFY_AFTER_HOURS: 24 is out of range"),
+        ("SYNCD_VERIFY_TOLERANCE", "1.5", "SYNCD_VERIFY_TOLERANCE: 1.5 is out of range"),
     ],
 )
 def test_daemon_settings_refusals_name_the_variable(name: str, value: str, message: str) -> None:

@@ -135,3 +135,25 @@ async def test_a_fire_asks_for_the_slot_its_clock_says() -> None:
         "interval": Slot("interval", at("2026-12-01 11:00"), at("2026-12-01 12:00")),
     }
     assert service.seconds_to_next_window() == 3599.8
+
+
+async def _no_verify() -> None:
+    return None
+
+
+def test_verification_jobs_fire_hours_after_each_window() -> None:
+    scheduler = schedule.build_scheduler(
+        DEFAULT, 60, 0, _ignore, verify=_no_verify, verify_after_hours=5.5
+    )
+    fires = _next_fires(scheduler, at("2026-12-01 03:17"))
+    assert fires["verify-0000"] == at("2026-12-01 05:30")
+    assert fires["verify-1200"] == at("2026-12-01 17:30")
+    off = schedule.build_scheduler(DEFAULT, 60, 0, _ignore, verify=_no_verify)
+    assert {job.id for job in off.get_jobs()} == {"window-0000", "window-1200"}
+
+
+def test_the_window_verified_is_the_last_one_at_or_before_the_clock() -> None:
+    assert schedule.last_window(at("2026-12-01 17:00"), DEFAULT) == at("2026-12-01 12:00")
+    assert schedule.last_window(at("2026-12-01 12:00"), DEFAULT) == at("2026-12-01 12:00")
+    assert schedule.last_window(at("2026-12-01 05:00"), DEFAULT) == at("2026-12-01 00:00")
+    assert schedule.last_window(at("2026-12-01 05:00"), (dt.time(6, 0),)) == at("2026-11-30 06:00")

@@ -98,3 +98,11 @@ FROM (
     WHERE api_version IS NOT NULL ORDER BY id DESC LIMIT 1
 ) latest
 WHERE api_deprecated;
+
+-- name: last_verifications
+-- Each segment's latest post-window verification: Criteo's count against syncd's.
+SELECT DISTINCT ON (segment_key)
+    segment_key, verified_window, read_at, supported, number_of_identifiers, acknowledged
+FROM syncd.segment_stats
+WHERE verified_window IS NOT NULL
+ORDER BY segment_key, read_at DESC;
