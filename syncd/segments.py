@@ -13,9 +13,12 @@ from syncd import links
 from syncd.criteo import segments as remote
 from syncd.criteo.client import CriteoClient
 from syncd.db import query
-from syncd.errors import UsageError
+from syncd.errors import CriteoError, UsageError
 from syncd.identifiers import RETAIL_MEDIA
+from syncd.logging import get_logger
 from syncd.runtime import DEFAULT_APP
+
+log = get_logger(__name__)
 
 # The client of a Criteo app by name (Runtime.criteo): each link is served by its own app.
 Clients = Callable[[str], Awaitable[CriteoClient]]
@@ -120,9 +123,22 @@ async def read_statistics(
     readings = []
     for link in rows:
         client = await clients(link["app"] or DEFAULT_APP)
-        stats = await remote.statistics(
-            client, link["api"], link["account_id"], link["criteo_segment_id"]
-        )
+        try:
+            stats = await remote.statistics(
+                client, link["api"], link["account_id"], link["criteo_segment_id"]
+            )
+        except CriteoError as exc:
+            if window is None:  # `syncd segments stats`: said to the person asking
+                raise
+            # A verification goes on with the other segments: this one is said, not read.
+            log.warning(
+                "segment_not_verified",
+                segment_key=link["segment_key"],
+                criteo_segment_id=link["criteo_segment_id"],
+                error_code=exc.code,
+                status=exc.status,
+            )
+            continue
         ours = None if acknowledged is None else await acknowledged(link)
         read_at = await conn.fetchval(
             query("insert_segment_stats"),

@@ -38,11 +38,18 @@ async def test_a_verification_flags_a_list_that_diverged(
         club = sandbox.state.segments["1002"].members
         for member in sorted(club)[:10]:
             club.discard(member)
+        # A third link whose segment Criteo no longer knows: said, and the others go on.
+        await conn.execute(
+            "INSERT INTO syncd.segments (segment_key, api, criteo_segment_id, identifier_type, "
+            "account_id) VALUES ('gone', 'retail-media', '999', 'email', '42')"
+        )
         with capture_logs() as logs:
             readings = await verify_window(runtime, WINDOW)
         assert readings is not None and len(readings) == 2
         assert await verify_window(runtime, WINDOW) is None  # another replica had it
     events = {e["segment_key"]: e for e in logs if e["event"].startswith("segment_")}
+    assert events["gone"]["event"] == "segment_not_verified"
+    assert events["gone"]["error_code"] == "segment-not-found"
     assert events["vip"]["event"] == "segment_verified"
     assert (events["vip"]["criteo_identifiers"], events["vip"]["acknowledged"]) == (100, 100)
     assert events["club"]["event"] == "segment_diverged"
