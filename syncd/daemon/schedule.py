@@ -65,9 +65,22 @@ def last_window(now: dt.datetime, windows: Sequence[dt.time]) -> dt.datetime:
     raise ValueError("no window configured")
 
 
+def verify_delay(after_hours: float) -> dt.timedelta:
+    """How long after a window its verification fires: whole minutes, as cron fires."""
+    return dt.timedelta(minutes=round(after_hours * 60))
+
+
 def verify_cron_fields(window: dt.time, after_hours: float) -> dict[str, int]:
     """The CronTrigger hour and minute that fire `after_hours` after a daily window."""
-    return cron_fields(window, -round(after_hours * 60))
+    return cron_fields(window, -int(verify_delay(after_hours).total_seconds() // 60))
+
+
+def verified_window(
+    now: dt.datetime, windows: Sequence[dt.time], after_hours: float
+) -> dt.datetime:
+    """The window a verification firing at `now` checks: the last one its delay has passed
+    (with the delay in whole minutes, as the job fires, not the exact hours)."""
+    return last_window(now - verify_delay(after_hours), windows)
 
 
 def window_slot(now: dt.datetime, windows: Sequence[dt.time]) -> Slot:

@@ -38,8 +38,8 @@ from syncd.daemon.schedule import (
     build_scheduler,
     due_at_start,
     interval_slot,
-    last_window,
     next_window,
+    verified_window,
     window_slot,
 )
 from syncd.daemon.server import http_server
@@ -114,8 +114,7 @@ class Service:
         """The verification job: the window Criteo has had its hours to compute. Read-only
         towards Criteo, so it may overlap a run; a failure is logged, never raised."""
         s = self.settings
-        now = self._clock() - dt.timedelta(hours=s.verify_after_hours)
-        window = last_window(now, s.windows_utc)
+        window = verified_window(self._clock(), s.windows_utc, s.verify_after_hours)
         try:
             await verify_window(self.runtime, window)
         except Exception as exc:  # the database or Criteo away: the next window's verifies

@@ -64,9 +64,11 @@ async def test_a_verification_flags_a_list_that_diverged(
 async def test_the_daemons_job_verifies_the_window_its_hours_are_after(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
-    settings = Settings.from_env({**env, "SYNCD_VERIFY_AFTER_HOURS": "5"})
+    # 0.02 h is 1.2 min; the job fires on whole minutes (12:01): the window it verifies is
+    # still 12:00 that day, not the day before (seen by hand with a window 2 minutes ahead).
+    settings = Settings.from_env({**env, "SYNCD_VERIFY_AFTER_HOURS": "0.02"})
     await link_in_process(conn, sandbox, "vip", "1001")
-    clock = dt.datetime(2026, 12, 1, 17, 3, tzinfo=dt.UTC)
+    clock = dt.datetime(2026, 12, 1, 12, 1, tzinfo=dt.UTC)
     async with Runtime.open(settings) as runtime:
         await Service(runtime, clock=lambda: clock).verify()
     windows = await conn.fetch("SELECT window_at FROM syncd.verifications")
