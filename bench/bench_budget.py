@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,13 +35,13 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sync import (
-    ROOT,
     Bench,
     code_version,
     cpu_delta,
     free_port,
     machine_busy_s,
     run_child,
+    start_listening,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -66,19 +62,7 @@ SANDBOX_CODE = (
 
 def start_sandbox(args: argparse.Namespace, limiter: str, port: int, log_path: Path) -> Any:
     argv = [sys.executable, "-c", SANDBOX_CODE, str(args.latency_ms), str(port)]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [*argv, str(args.rate_limit), limiter], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return proc
-        if proc.poll() is not None:
-            raise SystemExit(f"the sandbox exited: {log_path.read_text()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the sandbox did not start within 30 s")
+    return start_listening([*argv, str(args.rate_limit), limiter], port, log_path)
 
 
 async def database_figures(database_url: str) -> dict[str, Any]:

@@ -521,14 +521,14 @@ def syncd_phases(output: str, started_wall: float) -> dict[str, Any]:
 
 
 def start_sandbox(latency_ms: float, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SANDBOX_CODE, str(latency_ms), str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    log.close()
+    argv = [sys.executable, "-c", SANDBOX_CODE, str(latency_ms), str(port)]
+    return start_listening(argv, port, log_path)
+
+
+def start_listening(argv: list[str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a server process (its output into `log_path`); return once it listens."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):

@@ -11,7 +11,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -35,12 +35,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-async def _reap_processes() -> AsyncIterator[None]:
-    yield
-    await Cli.reap()
 
 
 def emails(prefix: str, count: int, start: int = 0) -> Iterator[str]:

@@ -20,17 +20,11 @@ import asyncpg
 import pytest
 
 from syncd.sandbox import RunningSandbox
-from tests.helpers import Cli, insert_changes, link_segment, one_line_error, run_cli
+from tests.helpers import insert_changes, link_segment, one_line_error, run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-@pytest.fixture(autouse=True)
-async def _reap_processes() -> AsyncIterator[None]:
-    yield
-    await Cli.reap()
 
 
 def closed_port() -> int:

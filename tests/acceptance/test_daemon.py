@@ -13,7 +13,6 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -40,12 +39,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(autouse=True)
-async def _reap_processes() -> AsyncIterator[None]:
-    yield
-    await Cli.reap()
 
 
 def daemon_env(env: dict[str, str], **extra: str) -> dict[str, str]:

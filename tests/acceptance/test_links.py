@@ -4,21 +4,14 @@ chunks open, a changed identifier type, unlinking with and without --force."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from syncd.sandbox import RunningSandbox
-from tests.helpers import Change, Cli, control, insert_changes, link_segment, members, run_cli
+from tests.helpers import Change, control, insert_changes, link_segment, members, run_cli
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-async def _reap_processes() -> AsyncIterator[None]:
-    yield
-    await Cli.reap()
 
 
 def usage_error(result: Any, *needles: str) -> None:
