@@ -47,10 +47,12 @@ async def test_a_run_that_loses_its_lock_stops_and_its_chunk_is_not_taken_over_a
     """The lock connection of run 1 is terminated while its request is slow at Criteo:
     run 1 claims and sends nothing more and ends failed (run_liveness_lost); run 2, started
     at that moment, sends the other chunks but not the one run 1 still has in flight."""
+    # An 8 s HTTP timeout: a 2 s heartbeat vouching for 7 s. With 3 s (0.75 s beats) a
+    # loaded 2-core machine once let run 1 lose its liveness before its first request.
     settings = with_env(
         env,
-        SYNCD_HTTP_TIMEOUT_S="3",
-        SYNCD_LEASE_S="10",
+        SYNCD_HTTP_TIMEOUT_S="8",
+        SYNCD_LEASE_S="20",
         SYNCD_CHUNK_SIZE="10",
         SYNCD_CONCURRENCY="1",
     )
