@@ -304,7 +304,8 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             return await _check(conn)
         await migrations.check_schema(conn)
         if args.command == "status":
-            print(report.status_text(await status.read(conn, args.runs, settings.windows_utc)))
+            found = await status.read(conn, args.runs, settings.windows_utc, settings.app_names)
+            print(report.status_text(found))
             return 0
         if args.command == "plan":
             plans = await plan.preview(conn, settings.chunk_size)

@@ -302,6 +302,20 @@ def _failed_and_unsendable(s: Status) -> list[str]:
                 ],
             )
         )
+    if s.unknown_app_chunks:
+        parts.append(
+            "chunks waiting for an app that is not configured (name it in CRITEO_APPS with "
+            "its credentials, or drop them with `syncd segments unlink KEY --force`):"
+        )
+        parts.append(
+            table(
+                ["app", "key", "chunks", "identifiers"],
+                [
+                    [u["app"], u["segment_key"], u["chunks"], u["identifiers"]]
+                    for u in s.unknown_app_chunks
+                ],
+            )
+        )
     unsendable = s.unsendable_chunks
     if unsendable:
         parts.append("chunks that cannot be sent (other segments go on without them):")

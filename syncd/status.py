@@ -11,6 +11,7 @@ from typing import Any
 from syncd.config import DEFAULT_WINDOWS
 from syncd.daemon.schedule import next_window
 from syncd.db import query
+from syncd.runtime import DEFAULT_APP
 
 FAILED_CHUNKS_SHOWN = 20
 MISSED_WINDOWS_DAYS = 30
@@ -32,13 +33,20 @@ class Status:
     now: dt.datetime | None = None
     missed_windows: list[Any] = field(default_factory=list)
     budgets: list[Any] = field(default_factory=list)  # each Criteo app's call budget
+    # Open chunks of an app no longer configured: no run can send them.
+    unknown_app_chunks: list[Any] = field(default_factory=list)
     # Criteo called the configured API version deprecated in the latest run: its sunset.
     api_notice: Any = None
     # Each segment's latest post-window verification (Criteo's count against syncd's).
     verifications: list[Any] = field(default_factory=list)
 
 
-async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WINDOWS) -> Status:
+async def read(
+    conn: Any,
+    runs: int = 5,
+    windows: Sequence[dt.time] = DEFAULT_WINDOWS,
+    apps: Sequence[str] = (DEFAULT_APP,),
+) -> Status:
     now = dt.datetime.now(dt.UTC)
     return Status(
         runs_asked=runs,
@@ -46,6 +54,7 @@ async def read(conn: Any, runs: int = 5, windows: Sequence[dt.time] = DEFAULT_WI
         open_chunks=list(await conn.fetch(query("open_chunks_summary"))),
         failed_chunks=list(await conn.fetch(query("failed_chunks"), FAILED_CHUNKS_SHOWN)),
         unsendable_chunks=list(await conn.fetch(query("unsendable_chunks"))),
+        unknown_app_chunks=list(await conn.fetch(query("chunks_of_unknown_apps"), list(apps))),
         waiting_linked=await conn.fetchval(query("waiting_linked")),
         waiting_unlinked=list(await conn.fetch(query("waiting_unlinked"))),
         next_window=next_window(now, windows),

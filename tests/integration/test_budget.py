@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from syncd import links, report, status
 from syncd.budget import SharedBudget
 from syncd.db import create_pool
+from syncd.plan import plan_segment
 from syncd.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from syncd.sync import sync_once
 from tests.integration.test_push import faults, setup_segments, with_env
@@ -168,3 +169,24 @@ async def test_budget_bookkeeping_never_turns_an_answer_into_an_error(settings: 
         await budget.note_limit("default", 250)
         await budget.rate_limited("default")
     assert [(e["event"], e["log_level"]) for e in logs] == [("budget_update_failed", "warning")] * 3
+
+
+async def test_status_names_chunks_waiting_for_an_app_no_longer_configured(
+    conn: Any, env: dict[str, str]
+) -> None:
+    """brand_b's chunks planned, then brand_b dropped from CRITEO_APPS: no run can send
+    them; status says so, with what to do."""
+    async with two_apps(env) as (api, _):
+        await link_two_apps(conn, api, per_segment=5)
+        run_id = await conn.fetchval(
+            "INSERT INTO syncd.sync_runs (host, pid, target_window) VALUES ('t', 1, now()) "
+            "RETURNING id"
+        )
+        await plan_segment(conn, run_id, "b0", 50_000)
+    text = report.status_text(await status.read(conn, apps=("default",)))
+    assert "chunks waiting for an app that is not configured" in text
+    line = next(line for line in text.splitlines() if line.startswith("brand_b"))
+    assert line.split() == ["brand_b", "b0", "1", "5"]
+    assert "waiting for an app" not in report.status_text(
+        await status.read(conn, apps=("default", "brand_b"))
+    )

@@ -67,6 +67,14 @@ FROM syncd.chunks c
 WHERE c.state <> 'done' AND c.api IS NULL
 GROUP BY c.segment_key ORDER BY c.segment_key;
 
+-- name: chunks_of_unknown_apps
+-- Open chunks planned for a Criteo app that is no longer configured ($1: the apps that
+-- are): no run can send them until the app is configured again or their key unlinked.
+SELECT c.app, c.segment_key, count(*) AS chunks, sum(c.identifier_count) AS identifiers
+FROM syncd.chunks c
+WHERE c.state <> 'done' AND NOT (c.app = ANY($1::text[]))
+GROUP BY c.app, c.segment_key ORDER BY c.app, c.segment_key;
+
 -- name: missed_windows
 -- Windows of the last $1 days, already passed, that runs targeted and none made (a run
 -- that ended late or left work, or crashed), newest first, at most $2.
