@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segments", help="link CRM segment keys to Criteo segments")
     seg_sub = seg.add_subparsers(dest="segments_command", required=True, metavar="ACTION")
+    _link_parsers(seg_sub)
+    _segment_lifecycle_parsers(seg_sub)
+    _sandbox_parser(sub)
+    dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
+    dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
+    return p
+
+
+def _link_parsers(seg_sub: Any) -> None:
     ln = seg_sub.add_parser("link", help="link (or re-point) a segment key")
     ln.add_argument("key", help="the CRM's segment_key in syncd.membership_changes")
     ln.add_argument("--segment-id", required=True, help="Criteo's audience segment id")
@@ -74,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     un = seg_sub.add_parser("unlink", help="remove a link")
     un.add_argument("key")
     un.add_argument("--force", action="store_true", help="also drop chunks not yet sent")
-    _segment_lifecycle_parsers(seg_sub)
 
+
+def _sandbox_parser(sub: Any) -> None:
     sb = sub.add_parser("sandbox", help="serve a Criteo-compatible API on loopback")
     sb.add_argument("--host", default="127.0.0.1")
     sb.add_argument("--port", type=int, default=8181)
@@ -112,10 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a segment the sandbox holds from the start (repeatable; API retail-media and "
         "TYPE email by default), e.g. 523103620:retail-media:email",
     )
-
-    dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
-    dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
-    return p
 
 
 # The segment commands that call Criteo (they need CRITEO_CLIENT_ID/SECRET).

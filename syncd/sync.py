@@ -271,18 +271,7 @@ async def run_slot(
         run_id = row["id"]
         runtime.new_run()
         with structlog.contextvars.bound_contextvars(run_id=run_id):
-            rearmed = await lock.conn.fetch(query("rearm_failed_chunks"))
-            pruned = await lock.conn.fetchrow(query("prune_history"), settings.retention_days)
-            log.info(
-                "run_started",
-                trigger=trigger,
-                slot=None if slot is None else slot.key,
-                target_window=row["target_window"].isoformat(),
-                dead_runs_marked=len(dead),
-                failed_chunks_rearmed=len(rearmed),
-                plans_pruned=pruned["plans"],
-                rejected_pruned=pruned["rejected"],
-            )
+            await _housekeeping(lock, settings, row, trigger, slot, len(dead))
             status, error = "succeeded", None
             run: SyncRun | None = None
             try:
@@ -295,12 +284,7 @@ async def run_slot(
                 status, error = "failed", f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                if run is not None and run.abort_error is not None:
-                    status, error = "failed", str(run.abort_error)
-                elif run is not None and run.liveness_lost is not None:
-                    status, error = "failed", f"run liveness lost ({run.liveness_lost})"
-                elif run is not None and run.stop.is_set() and status == "succeeded":
-                    status = "interrupted"
+                status, error = _final_status(run, status, error)
                 # The pool, not the lock connection: that one may be what was lost.
                 async with runtime.pool.acquire() as conn:
                     await _record_api_notice(conn, runtime, run_id)
@@ -309,6 +293,35 @@ async def run_slot(
             return summary
     finally:
         await lock.close()
+
+
+async def _housekeeping(
+    lock: RunLock, settings: Settings, row: Any, trigger: str, slot: RunSlot | None, dead: int
+) -> None:
+    """Before planning: failed chunks re-armed, old history pruned; the run_started line."""
+    rearmed = await lock.conn.fetch(query("rearm_failed_chunks"))
+    pruned = await lock.conn.fetchrow(query("prune_history"), settings.retention_days)
+    log.info(
+        "run_started",
+        trigger=trigger,
+        slot=None if slot is None else slot.key,
+        target_window=row["target_window"].isoformat(),
+        dead_runs_marked=dead,
+        failed_chunks_rearmed=len(rearmed),
+        plans_pruned=pruned["plans"],
+        rejected_pruned=pruned["rejected"],
+    )
+
+
+def _final_status(run: SyncRun | None, status: str, error: str | None) -> tuple[str, str | None]:
+    """What the run row records: an abort or a lost liveness fails it, a stop interrupts it."""
+    if run is not None and run.abort_error is not None:
+        return "failed", str(run.abort_error)
+    if run is not None and run.liveness_lost is not None:
+        return "failed", f"run liveness lost ({run.liveness_lost})"
+    if run is not None and run.stop.is_set() and status == "succeeded":
+        return "interrupted", error
+    return status, error
 
 
 async def _record_api_notice(conn: Any, runtime: Runtime, run_id: int) -> None:

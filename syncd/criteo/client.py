@@ -31,6 +31,7 @@ from syncd.config import Settings
 from syncd.criteo.pacing import Cooldown, Pacer, SharedBudget
 from syncd.daemon.metrics import API_SUNSET, RATE_LIMITED, REQUEST_SECONDS
 from syncd.errors import (
+    CriteoError,
     PayloadTooLarge,
     PermanentError,
     RetryableError,
@@ -271,24 +272,28 @@ class CriteoClient:
             return None
         if 200 <= status < 300:
             return Answer(status, payload, resp_headers)
+        raise self._refusal(status, payload, resp_headers)
+
+    def _refusal(self, status: int, payload: Any, headers: Any) -> CriteoError:
+        """A non-2xx answer (401 aside) as the error class the caller branches on."""
         code, detail = error_code(payload)
         message = (
             f"HTTP {status}{': ' + code if code else ''}{' (' + detail + ')' if detail else ''}"
         )
         if status in _RETRYABLE_STATUSES:
-            raise RetryableError(
-                message, status=status, code=code, retry_after_s=retry_after_s(resp_headers)
+            return RetryableError(
+                message, status=status, code=code, retry_after_s=retry_after_s(headers)
             )
         if status == 410:
-            raise RunAbortingError(
+            return RunAbortingError(
                 f"Criteo API version {self._settings.criteo_api_version} is retired (410 Gone); "
                 "set CRITEO_API_VERSION to a supported version",
                 status=status,
                 code=code or "gone",
             )
         if status == 413 or (status == 400 and code and _is_size_code(code)):
-            raise PayloadTooLarge(message, status=status, code=code, body=payload)
-        raise PermanentError(message, status=status, code=code, body=payload)
+            return PayloadTooLarge(message, status=status, code=code, body=payload)
+        return PermanentError(message, status=status, code=code, body=payload)
 
     def new_run(self) -> None:
         """A run starts: what Criteo says of the version is noted, and warned, afresh."""
