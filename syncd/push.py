@@ -287,7 +287,11 @@ class Pusher:
         outcome = await self._finish(chunk, "acknowledged", p, result)
         if outcome == "acknowledged":
             metrics.count_acknowledged(
-                chunk.segment_key, chunk.operation, chunk.identifier_count, result
+                chunk.segment_key,
+                chunk.operation,
+                chunk.identifier_count,
+                result.nb_valid,
+                result.nb_invalid,
             )
         log.info(
             "chunk_pushed",

@@ -13,7 +13,7 @@ the HTTP server, so every replica reports the same figures.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,9 +24,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-if TYPE_CHECKING:
-    from syncd.criteo import AmendmentResult
-    from syncd.errors import RetryableError
+from syncd.errors import RetryableError
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # process_resident_memory_bytes and friends: the flat-memory promise, watched.
@@ -160,9 +158,9 @@ def count_retry(app: str, error: RetryableError) -> None:
 
 
 def count_acknowledged(
-    segment_key: str, operation: str, identifiers: int, result: AmendmentResult
+    segment_key: str, operation: str, identifiers: int, valid: int | None, invalid: int | None
 ) -> None:
     """Identifiers sent and Criteo's counts, by segment KEY (never an identifier)."""
     IDENTIFIERS_SENT.labels(segment_key, operation).inc(identifiers)
-    IDENTIFIERS_VALID.labels(segment_key).inc(result.nb_valid or 0)
-    IDENTIFIERS_INVALID.labels(segment_key).inc(result.nb_invalid or 0)
+    IDENTIFIERS_VALID.labels(segment_key).inc(valid or 0)
+    IDENTIFIERS_INVALID.labels(segment_key).inc(invalid or 0)

@@ -25,17 +25,12 @@ def modules() -> dict[str, Path]:
 
 
 def imports_of(name: str, path: Path) -> set[str]:
-    """The syncd modules `name` imports at run time (TYPE_CHECKING blocks excluded)."""
+    """The syncd modules `name` imports, TYPE_CHECKING blocks included: a type named from
+    another module is a dependency on its concept as much as a run-time import is."""
     tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip |= {id(n) for child in node.body for n in ast.walk(child)}
     known = modules()
     out: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("syncd")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("syncd"):
