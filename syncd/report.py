@@ -388,7 +388,8 @@ def statistics_table(readings: Sequence[Any]) -> str:
     for r in readings:
         s = r.statistics
         if s is None:
-            rows.append([r.segment_key, r.api, r.criteo_segment_id, "not supported", "", ""])
+            said = f"failed: {r.error}" if r.error else "not supported"
+            rows.append([r.segment_key, r.api, r.criteo_segment_id, said, "", ""])
             continue
         rate = "" if s.match_rate is None else f"{s.match_rate:.1%}"
         rows.append([r.segment_key, r.api, r.criteo_segment_id, s.identifiers, s.matches, rate])

@@ -13,7 +13,7 @@ from syncd import links
 from syncd.criteo import segments as remote
 from syncd.criteo.client import CriteoClient
 from syncd.db import query
-from syncd.errors import CriteoError, UsageError
+from syncd.errors import CriteoError, RunAbortingError, UsageError
 from syncd.identifiers import RETAIL_MEDIA
 from syncd.logging import get_logger
 from syncd.runtime import DEFAULT_APP
@@ -104,6 +104,7 @@ class Reading:
     statistics: remote.Statistics | None  # None: Criteo does not compute them for this list
     read_at: Any
     acknowledged: int | None = None  # a verification's: the ledger's count for the segment
+    error: str | None = None  # Criteo refused this segment's statistics: its code
 
 
 async def read_statistics(
@@ -127,17 +128,22 @@ async def read_statistics(
             stats = await remote.statistics(
                 client, link["api"], link["account_id"], link["criteo_segment_id"]
             )
+        except RunAbortingError:
+            raise  # bad credentials, a retired version: every other segment would fail too
         except CriteoError as exc:
-            if window is None:  # `syncd segments stats`: said to the person asking
-                raise
-            # A verification goes on with the other segments: this one is said, not read.
+            # One segment refused (Criteo no longer knows it, say): said, and the others read.
             log.warning(
-                "segment_not_verified",
+                "segment_stats_failed",
                 segment_key=link["segment_key"],
                 criteo_segment_id=link["criteo_segment_id"],
                 error_code=exc.code,
                 status=exc.status,
             )
+            failed = Reading(
+                link["segment_key"], link["api"], link["criteo_segment_id"], None, None,
+                error=exc.code or f"HTTP {exc.status}",
+            )  # fmt: skip
+            readings.append(failed)
             continue
         ours = None if acknowledged is None else await acknowledged(link)
         read_at = await conn.fetchval(

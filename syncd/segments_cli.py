@@ -37,7 +37,7 @@ async def run_segment_command(settings: Settings, args: argparse.Namespace) -> i
             return 0
         readings = await segments.read_statistics(conn, runtime.criteo, args.key)
         print(report.statistics_table(readings))
-        return 0
+        return 1 if any(r.error for r in readings) else 0
 
 
 async def _create(conn: Any, client: Any, args: argparse.Namespace) -> int:

@@ -51,6 +51,8 @@ async def verify_window(runtime: Runtime, window: dt.datetime) -> list[segments.
 
 
 def _log(r: segments.Reading, window: dt.datetime, tolerance: float) -> None:
+    if r.error is not None:
+        return  # said as segment_stats_failed
     ours = r.acknowledged or 0
     theirs = None if r.statistics is None else r.statistics.identifiers
     if theirs is not None and diverged(theirs, ours, tolerance):

@@ -192,3 +192,19 @@ async def test_each_command_speaks_for_the_links_app(conn: Any, env: dict[str, s
         assert refused.code != 0 and "CRITEO_CLIENT_SECRET" in refused.stderr, refused
         unknown = await create(both, "x", "X", "--advertiser-id", "4949", "--app", "nope")
         assert unknown.code == 2 and "'nope'" in unknown.stderr, unknown
+
+
+async def test_stats_go_on_past_a_segment_criteo_refuses_and_exit_1(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    await create_vip(env, conn)
+    linked = await run_cli(
+        env, "segments", "link", "gone", "--segment-id", "999", "--identifier-type", "email",
+        "--account-id", ACCOUNT,
+    )  # fmt: skip
+    assert linked.code == 0, linked
+    result = await run_cli(env, "segments", "stats")
+    assert result.code == 1, result
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
+    assert "failed: segment-not-found" in lines["gone"]
+    assert lines["vip"].split()[3] == "0"  # read all the same

@@ -45,10 +45,10 @@ async def test_a_verification_flags_a_list_that_diverged(
         )
         with capture_logs() as logs:
             readings = await verify_window(runtime, WINDOW)
-        assert readings is not None and len(readings) == 2
+        assert readings is not None and len(readings) == 3
         assert await verify_window(runtime, WINDOW) is None  # another replica had it
     events = {e["segment_key"]: e for e in logs if e["event"].startswith("segment_")}
-    assert events["gone"]["event"] == "segment_not_verified"
+    assert events["gone"]["event"] == "segment_stats_failed"
     assert events["gone"]["error_code"] == "segment-not-found"
     assert events["vip"]["event"] == "segment_verified"
     assert (events["vip"]["criteo_identifiers"], events["vip"]["acknowledged"]) == (100, 100)
