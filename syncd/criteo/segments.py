@@ -105,6 +105,8 @@ async def _json_call(client: CriteoClient, method: str, path: str, payload: Any)
         yield raw
 
     for attempt in range(1, ATTEMPTS + 1):
+        # Each call is reserved from the app's budget, shared with every process's pushes.
+        await asyncio.sleep(await client.pacer.acquire())
         try:
             return await client.call(method, path, body, len(raw))
         except RetryableError as exc:

@@ -208,3 +208,13 @@ async def test_stats_go_on_past_a_segment_criteo_refuses_and_exit_1(
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
     assert "failed: segment-not-found" in lines["gone"]
     assert lines["vip"].split()[3] == "0"  # read all the same
+
+
+async def test_segment_commands_draw_on_the_apps_shared_budget(
+    conn: Any, sandbox: RunningSandbox, env: dict[str, str]
+) -> None:
+    """Management calls share the app's budget with the pushes of every process."""
+    await create_vip(env, conn)  # one create call
+    assert (await run_cli(env, "segments", "stats")).code == 0  # one statistics call
+    calls = await conn.fetchval("SELECT calls FROM syncd.app_budgets WHERE app = 'default'")
+    assert calls == 2
