@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from syncd import __version__, db, links, plan, report, status
+from syncd import __version__, db, guard, links, plan, report, status
 from syncd.config import Settings
 from syncd.db import migrations
 from syncd.errors import ConfigError, MigrationError, SyncdError, UsageError
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run failed or missed its window (for probes and cron monitors)",
     )
     sub.add_parser("plan", help="show what a sync would send; sends and consumes nothing")
+    ap = sub.add_parser(
+        "approve", help="let the next sync push a segment's plan the removal guard blocked"
+    )
+    ap.add_argument("key")
     st = sub.add_parser("status", help="recent runs, open chunks, waiting changes")
     st.add_argument("--runs", type=_count, default=5, help="how many recent runs to show")
 
@@ -73,6 +77,11 @@ def _link_parsers(seg_sub: Any) -> None:
         "--send-as",
         default="sha256",
         help="sha256 (default: emails and phones hashed) or plain (sent normalised, unhashed)",
+    )
+    ln.add_argument(
+        "--mirror",
+        metavar="RELATION",
+        help="mirror a table or view (columns segment_key, identifier) instead of the inbox",
     )
     ln.add_argument(
         "--force",
@@ -313,8 +322,15 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             found = await status.read(conn, args.runs, settings.windows_utc, settings.app_names)
             print(report.status_text(found))
             return 0
+        if args.command == "approve":
+            removes, members = await guard.approve(conn, args.key)
+            print(
+                f"approved: the next sync pushes the plan of {args.key} as it is then "
+                f"(blocked, it removed {removes:,} of {members:,} acknowledged members)"
+            )
+            return 0
         if args.command == "plan":
-            plans = await plan.preview(conn, settings.chunk_size)
+            plans = await plan.preview(conn, settings.chunk_size, settings.max_remove_fraction)
             print(report.plan_table(plans, settings.chunk_size))
             return 0
         return await _segments(conn, args, settings)
@@ -358,6 +374,7 @@ async def _segments(conn: Any, args: argparse.Namespace, settings: Settings) -> 
             account_id=args.account_id,
             gum_caller_id=args.gum_caller_id,
             app=args.app,
+            mirror=args.mirror,
         ),
         force=args.force,
     )

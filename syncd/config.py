@@ -110,6 +110,11 @@ class Settings:
     http_port: int = 8080  # 0: no HTTP server
     verify_after_hours: float = 5.0  # after each window: Criteo's ~5 h to compute; 0: off
     verify_tolerance: float = 0.02
+    # A plan removing more than this share of a segment's acknowledged members is blocked
+    # until `syncd approve`: a truncated source or a CRM bug must not empty a live list.
+    max_remove_fraction: float = 0.5  # 1: no guard
+    # `syncd resync` empties a list before re-adding it: never that close to a window.
+    resync_min_hours: float = 6.0
     # -- more Criteo apps than the default one (CRITEO_APPS) --
     criteo_apps: tuple[CriteoApp, ...] = ()
 
@@ -171,6 +176,8 @@ class Settings:
             http_port=_get(e, "SYNCD_HTTP_PORT", _int_in(0, 65535), default=8080),
             verify_after_hours=_get(e, "SYNCD_VERIFY_AFTER_HOURS", _float_in(0, 23), default=5.0),
             verify_tolerance=_get(e, "SYNCD_VERIFY_TOLERANCE", _float_in(0, 1), default=0.02),
+            max_remove_fraction=_get(e, "SYNCD_MAX_REMOVE_FRACTION", _float_in(0, 1), default=0.5),
+            resync_min_hours=_get(e, "SYNCD_RESYNC_MIN_HOURS", _float_in(0, 12), default=6.0),
             criteo_apps=_apps(e),
         )
         if settings.lease_s < settings.http_timeout_s * 2:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from syncd import mirror
 from syncd.config import DEFAULT_APP
 from syncd.db import query
 from syncd.errors import UsageError
@@ -31,6 +32,8 @@ class Link:
     account_id: str | None = None
     gum_caller_id: int | None = None
     app: str = DEFAULT_APP  # the Criteo app whose credentials and budget push its chunks
+    # A mirror link's source relation (mirror.py); None: the link reads the inbox.
+    mirror: str | None = None
 
 
 def validate(link: Link) -> Link:
@@ -87,6 +90,8 @@ class LinkOutcome:
         target = f"{self.link.api} segment {self.link.criteo_segment_id}"
         if self.link.app != DEFAULT_APP:
             target += f" (app {self.link.app})"
+        if self.link.mirror is not None:
+            target += f", mirroring {self.link.mirror}"
         if self.action == "unchanged":
             return f"{self.link.segment_key} already links to {target}"
         said = f"{self.action} {self.link.segment_key} -> {target}"
@@ -103,6 +108,8 @@ async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
     """Create or re-point a link. Re-pointing a key whose chunks are not all acknowledged
     is refused unless forced; forced, those chunks still go where they were planned for."""
     new = validate(wanted)
+    if new.mirror is not None:
+        new = replace(new, mirror=await mirror.resolve_relation(conn, new.mirror))
     args = (
         new.segment_key,
         new.api,
@@ -112,6 +119,7 @@ async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
         new.account_id,
         new.gum_caller_id,
         new.app,
+        new.mirror,
     )
     async with conn.transaction():
         # Locked first: a plan of this key in progress finishes, and its chunks count.
@@ -131,15 +139,17 @@ async def link(conn: Any, wanted: Link, *, force: bool = False) -> LinkOutcome:
                 f"`syncd segments unlink {new.segment_key}` first"
             )
         described = tuple(_describe(r) for r in targets)
-        if _target_of(current) == (
+        wanted_target = (
             new.api,
             new.criteo_segment_id,
             new.account_id,
             new.gum_caller_id,
             new.app,
-        ):
+        )
+        if (*_target_of(current), current["mirror_relation"]) == (*wanted_target, new.mirror):
             return LinkOutcome("unchanged", new, open_chunks, described)
-        if open_chunks and not force:
+        # Turning a link into a mirror (or back) with the same target moves no chunk.
+        if open_chunks and not force and _target_of(current) != wanted_target:
             raise UsageError(
                 f"{new.segment_key!r} has {open_chunks} chunk(s) not yet acknowledged, planned "
                 f"for {' and '.join(described)}; re-pointing does not move them. Run "

@@ -12,11 +12,12 @@ import asyncio
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
 
+from syncd import guard, mirror
 from syncd.db import query
 from syncd.errors import SyncdError
 from syncd.logging import get_logger
@@ -37,22 +38,43 @@ class SegmentPlan:
     adds: int
     removes: int
     chunks: int
+    mirror: bool = False  # planned from a mirror source (changes_consumed: its rows read)
+    # The mass-removal guard's counts (None: it had nothing to assess) and verdict.
+    assessment: guard.Assessment | None = None
+
+    @property
+    def block(self) -> guard.Assessment | None:
+        """The guard's assessment when it blocks this plan; None when the plan may go."""
+        held = self.assessment
+        return held if held is not None and held.blocked else None
 
 
 @dataclass(frozen=True)
 class PlanFailure:
-    """A segment whose plan failed: its changes stay in the inbox for the next run."""
+    """A segment whose plan failed, or that the guard blocked (rolled back: a change log's
+    changes stay in the inbox for the next run)."""
 
     segment_key: str
     error: str
+    blocked: bool = False
+
+
+class _Blocked(Exception):
+    """Raised inside a plan's transaction to roll it back: the guard blocked it."""
+
+    def __init__(self, plan: SegmentPlan, held: guard.Assessment) -> None:
+        super().__init__(plan.segment_key)
+        self.plan = plan
+        self.held = held
 
 
 async def plan_segment(
-    conn: Any, run_id: int, segment_key: str, chunk_size: int
+    conn: Any, run_id: int, segment_key: str, chunk_size: int, max_remove_fraction: float = 1.0
 ) -> SegmentPlan | None:
     """Plan one segment in a transaction of its own and commit it: its changes leave the
     inbox and its chunks are in the outbox, or nothing happened. None when the key is
-    no longer linked (its changes wait for a link)."""
+    no longer linked (its changes wait for a link). A plan the guard blocks is rolled
+    back, recorded on the link, and returned (`blocked`)."""
     # Serialise plans of one segment (plan ids then order its changes), before the
     # transaction starts, so its snapshot sees what the previous plan consumed.
     await conn.execute(query("lock_segment_plan"), segment_key)
@@ -60,24 +82,13 @@ async def plan_segment(
         attempt = 1
         while True:
             try:
-                async with conn.transaction(isolation="repeatable_read"):
-                    # The link is read here, not when the run listed the segments, and
-                    # stays locked until the commit: an unlink or re-link waits for this
-                    # plan and then sees its chunks. One changed since this transaction's
-                    # snapshot is a serialization failure: planned again, below.
-                    link = await conn.fetchrow(query("lock_link_for_plan"), segment_key)
-                    if link is None:
-                        return None
-                    plan = await _plan(conn, run_id, link, chunk_size)
-                    status = await conn.execute(query("consume_segment"), segment_key)
-                    deleted = int(status.split()[-1])  # "DELETE <rows>"
-                    if deleted != plan.changes_consumed:
-                        # Cannot happen under REPEATABLE READ; never commit it if it does.
-                        raise SyncdError(
-                            f"plan of {segment_key!r} read {plan.changes_consumed} changes "
-                            f"but would consume {deleted}; rolled back"
-                        )
-                    return plan
+                return await _plan_and_commit(
+                    conn, run_id, segment_key, chunk_size, max_remove_fraction
+                )
+            except _Blocked as blocked:
+                held = blocked.held
+                await conn.execute(query("mark_blocked"), segment_key, held.removals, held.members)
+                return blocked.plan
             except asyncpg.SerializationError:
                 if attempt == PLAN_ATTEMPTS:
                     raise
@@ -87,12 +98,76 @@ async def plan_segment(
         await conn.execute(query("unlock_segment_plan"), segment_key)
 
 
-async def _plan(conn: Any, run_id: int, link: Any, chunk_size: int) -> SegmentPlan:
+async def _plan_and_commit(
+    conn: Any, run_id: int, segment_key: str, chunk_size: int, max_remove_fraction: float
+) -> SegmentPlan | None:
+    async with conn.transaction(isolation="repeatable_read"):
+        # The link is read here, not when the run listed the segments, and stays locked
+        # until the commit: an unlink or re-link waits for this plan and then sees its
+        # chunks. One changed since this transaction's snapshot is a serialization
+        # failure: planned again, by the caller.
+        link = await conn.fetchrow(query("lock_link_for_plan"), segment_key)
+        if link is None:
+            return None
+        approved = link["removals_approved"]
+        plan = await _plan(conn, run_id, link, chunk_size, 1.0 if approved else max_remove_fraction)
+        if plan.block is not None:
+            raise _Blocked(plan, plan.block)  # rolls the whole plan back
+        if not plan.mirror:
+            status = await conn.execute(query("consume_segment"), segment_key)
+            deleted = int(status.split()[-1])  # "DELETE <rows>"
+            if deleted != plan.changes_consumed:
+                # Cannot happen under REPEATABLE READ; never commit it if it does.
+                raise SyncdError(
+                    f"plan of {segment_key!r} read {plan.changes_consumed} changes "
+                    f"but would consume {deleted}; rolled back"
+                )
+        await conn.execute(query("clear_block"), segment_key)
+        return plan
+
+
+async def _plan(
+    conn: Any, run_id: int, link: Any, chunk_size: int, max_remove_fraction: float
+) -> SegmentPlan:
     """Write one segment's plan row, chunks and rejections in the caller's transaction;
-    every chunk records the link's target."""
+    every chunk records the link's target. Mirror links diff their source (mirror.py),
+    change-log links net their inbox changes; the guard assesses either."""
     segment_key = link["segment_key"]
     await conn.execute(query("plan_work_mem"))
     plan_id = await conn.fetchval(query("create_plan"), run_id, segment_key)
+    if link["mirror_relation"] is not None:
+        found = await mirror.diff(conn, run_id, plan_id, link, chunk_size)
+        verdict = guard.Assessment(
+            found.members,
+            found.removes,
+            guard.over_limit(found.removes, found.members, max_remove_fraction),
+        )
+        plan = SegmentPlan(
+            segment_key, plan_id, found.rows_read, found.rejected, found.adds, found.removes,
+            found.chunks, mirror=True, assessment=verdict,
+        )  # fmt: skip
+    else:
+        plan = await _plan_change_log(conn, run_id, link, plan_id, chunk_size)
+        assessed = await guard.assess_change_log(
+            conn, link, plan_id, plan.removes, max_remove_fraction
+        )
+        plan = replace(plan, assessment=assessed)
+    await conn.execute(
+        query("record_plan"),
+        plan_id,
+        plan.changes_consumed,
+        plan.rejected,
+        plan.adds,
+        plan.removes,
+        plan.chunks,
+    )
+    return plan
+
+
+async def _plan_change_log(
+    conn: Any, run_id: int, link: Any, plan_id: int, chunk_size: int
+) -> SegmentPlan:
+    segment_key = link["segment_key"]
     row = await conn.fetchrow(
         query("plan_segment"),
         plan_id,
@@ -107,7 +182,7 @@ async def _plan(conn: Any, run_id: int, link: Any, chunk_size: int) -> SegmentPl
         link["gum_caller_id"],
         link["app"],
     )
-    plan = SegmentPlan(
+    return SegmentPlan(
         segment_key=segment_key,
         plan_id=plan_id,
         changes_consumed=row["changes_consumed"],
@@ -116,16 +191,6 @@ async def _plan(conn: Any, run_id: int, link: Any, chunk_size: int) -> SegmentPl
         removes=row["removes"],
         chunks=row["chunks"],
     )
-    await conn.execute(
-        query("record_plan"),
-        plan_id,
-        plan.changes_consumed,
-        plan.rejected,
-        plan.adds,
-        plan.removes,
-        plan.chunks,
-    )
-    return plan
 
 
 def _segment_failure(exc: BaseException) -> str | None:
@@ -155,10 +220,12 @@ async def plan_all(
     parallel: int,
     on_planned: Callable[[SegmentPlan], Awaitable[None]],
     should_stop: Callable[[], bool] = lambda: False,
+    max_remove_fraction: float = 1.0,
 ) -> tuple[list[SegmentPlan], list[PlanFailure]]:
-    """Plan every linked segment that has visible changes, `parallel` at a time. A plan
-    that fails (a statement timeout on a huge backlog, say) is logged and left for the
-    next run; the other segments are planned and pushed all the same."""
+    """Plan every mirror link and every change-log link that has visible changes,
+    `parallel` at a time. A plan that fails (a statement timeout on a huge backlog, a
+    mirror source dropped) or that the guard blocks is logged and left for the next run;
+    the other segments are planned and pushed all the same."""
     async with pool.acquire() as conn:
         segments = await conn.fetch(query("segments_to_plan"))
     gate = asyncio.Semaphore(parallel)
@@ -171,7 +238,9 @@ async def plan_all(
                 return
             try:
                 async with pool.acquire() as conn:
-                    plan = await plan_segment(conn, run_id, segment_key, chunk_size)
+                    plan = await plan_segment(
+                        conn, run_id, segment_key, chunk_size, max_remove_fraction
+                    )
             except Exception as exc:
                 error = _segment_failure(exc)
                 if error is None:
@@ -182,6 +251,9 @@ async def plan_all(
                 return
             if plan is None:
                 log.warning("plan_skipped", segment_key=segment_key, reason="no longer linked")
+                return
+            if plan.block is not None:
+                failures.append(_blocked(plan.segment_key, plan.block, max_remove_fraction))
                 return
             plans.append(plan)
             log.info(
@@ -202,9 +274,24 @@ async def plan_all(
     return plans, failures
 
 
-async def preview(conn: Any, chunk_size: int) -> list[SegmentPlan]:
+def _blocked(segment_key: str, held: guard.Assessment, max_remove_fraction: float) -> PlanFailure:
+    log.error(
+        "segment_blocked",
+        segment_key=segment_key,
+        removes=held.removals,
+        members=held.members,
+        max_remove_fraction=max_remove_fraction,
+    )
+    message = guard.block_message(segment_key, held.removals, held.members, max_remove_fraction)
+    return PlanFailure(segment_key, message, blocked=True)
+
+
+async def preview(
+    conn: Any, chunk_size: int, max_remove_fraction: float = 1.0
+) -> list[SegmentPlan]:
     """What a sync would send now: the real plan, in a transaction that is rolled back
-    (nothing is consumed, so it takes no lock and never waits for a running sync)."""
+    (nothing is consumed, so it takes no lock and never waits for a running sync), with
+    the guard's verdict on each."""
     plans = []
     tx = conn.transaction(isolation="repeatable_read")
     await tx.start()
@@ -212,7 +299,8 @@ async def preview(conn: Any, chunk_size: int) -> list[SegmentPlan]:
         # A run row of its own id, not the sequence's: a preview uses up no run id.
         run = await conn.fetchrow(query("start_preview_run"), socket.gethostname(), os.getpid())
         for link in await conn.fetch(query("segments_to_plan")):
-            plans.append(await _plan(conn, run["id"], link, chunk_size))
+            fraction = 1.0 if link["removals_approved"] else max_remove_fraction
+            plans.append(await _plan(conn, run["id"], link, chunk_size, fraction))
     finally:
         await tx.rollback()
     return plans

@@ -133,14 +133,35 @@ def _waiting_unlinked(rows: Sequence[dict[str, Any]], shown: int = 5) -> str:
 
 def plan_table(plans: Sequence[SegmentPlan], chunk_size: int) -> str:
     if not plans:
-        return "nothing to plan: no linked segment has waiting changes"
+        return "nothing to plan: no linked segment has waiting changes, and none is a mirror"
     return table(
-        ["segment", "changes", "adds", "removes", "chunks", "rejected"],
+        ["segment", "source", "changes", "adds", "removes", "chunks", "rejected", "guard"],
         [
-            [p.segment_key, p.changes_consumed, p.adds, p.removes, p.chunks, p.rejected]
+            [
+                p.segment_key,
+                "mirror" if p.mirror else "changes",
+                p.changes_consumed,
+                p.adds,
+                p.removes,
+                p.chunks,
+                p.rejected,
+                _guard_verdict(p),
+            ]
             for p in plans
         ],
-    ) + (f"\n(chunks of at most {chunk_size:,} identifiers; nothing was sent or consumed)")
+    ) + (
+        f"\n(chunks of at most {chunk_size:,} identifiers; a mirror's changes are the rows its "
+        "source holds; nothing was sent or consumed)"
+    )
+
+
+def _guard_verdict(plan: SegmentPlan) -> str:
+    held = plan.assessment
+    if held is None:
+        return ""
+    if held.blocked:
+        return f"BLOCKED: removes {held.removals:,} of {held.members:,}"
+    return "ok"
 
 
 def links_table(links: Sequence[dict[str, Any]]) -> str:
@@ -150,7 +171,18 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
             "syncd segments link KEY --segment-id ID --identifier-type TYPE"
         )
     return table(
-        ["key", "api", "criteo id", "type", "send as", "account", "app", "waiting", "open chunks"],
+        [
+            "key",
+            "api",
+            "criteo id",
+            "type",
+            "send as",
+            "account",
+            "app",
+            "mirror of",
+            "waiting",
+            "open chunks",
+        ],
         [
             [
                 s["segment_key"],
@@ -160,6 +192,7 @@ def links_table(links: Sequence[dict[str, Any]]) -> str:
                 s["send_as"],
                 s["account_id"],
                 s["app"],
+                s["mirror_relation"],
                 s["waiting_changes"],
                 s["open_chunks"],
             ]
@@ -216,12 +249,33 @@ def status_text(s: Status) -> str:
         if open_chunks
         else "  none"
     )
+    parts += _blocked(s.blocked)
     parts += _failed_and_unsendable(s)
     parts += _verifications(s.verifications)
     if s.budgets:
         parts.append("Criteo call budgets (each app's, shared by every process):")
         parts.append(budgets_table(s.budgets))
     return "\n".join(parts + _waiting(s))
+
+
+def _blocked(blocked: Sequence[Any]) -> list[str]:
+    """Plans the mass-removal guard held back: nothing of them was sent."""
+    if not blocked:
+        return []
+    rows = [
+        [
+            b["segment_key"],
+            f"{b['blocked_removes']:,} of {b['blocked_members']:,}",
+            b["blocked_at"],
+            "yes: goes with the next sync" if b["removals_approved"] else "no",
+        ]
+        for b in blocked
+    ]
+    return [
+        "BLOCKED by the mass-removal guard (SYNCD_MAX_REMOVE_FRACTION); nothing of these plans "
+        "was sent. Fix the source, or `syncd approve KEY` if the removals are meant:",
+        table(["key", "would remove", "since", "approved"], rows),
+    ]
 
 
 def _windows(s: Status) -> list[str]:
@@ -360,6 +414,12 @@ def _waiting(s: Status) -> list[str]:
                     for r in unlinked
                 ],
             )
+        )
+    for m in s.waiting_mirrored:
+        parts.append(
+            f"{m['changes']:,} change(s) in the inbox for {m['segment_key']} wait: it mirrors "
+            f"{m['mirror_relation']}, and a mirror reads its relation, not the inbox (kept "
+            "until the key reads changes again, or the CRM deletes them)"
         )
     return parts
 

@@ -39,6 +39,9 @@ class Status:
     api_notice: Any = None
     # Each segment's latest post-window verification (Criteo's count against syncd's).
     verifications: list[Any] = field(default_factory=list)
+    # Segments the mass-removal guard blocked; inbox changes waiting on a mirror-linked key.
+    blocked: list[Any] = field(default_factory=list)
+    waiting_mirrored: list[Any] = field(default_factory=list)
 
 
 async def read(
@@ -65,6 +68,8 @@ async def read(
         budgets=list(await conn.fetch(query("budget_use"))),
         api_notice=await conn.fetchrow(query("api_notice")),
         verifications=list(await conn.fetch(query("last_verifications"))),
+        blocked=list(await conn.fetch(query("blocked_segments"))),
+        waiting_mirrored=list(await conn.fetch(query("waiting_mirrored"))),
     )
 
 

@@ -48,6 +48,7 @@ class RunSummary:
     chunks_failed: int = 0
     chunks_left: int = 0
     plans_failed: int = 0
+    plans_blocked: int = 0  # held back by the mass-removal guard
     requests: int = 0
     identifiers_sent: int = 0
     nb_valid: int = 0
@@ -69,7 +70,9 @@ class RunSummary:
             return 2  # the settings must change before any run can succeed
         if self.status == "failed":
             return 1
-        work_left = self.chunks_failed or self.chunks_left or self.plans_failed
+        work_left = (
+            self.chunks_failed or self.chunks_left or self.plans_failed or self.plans_blocked
+        )
         return 1 if work_left else 0
 
 
@@ -142,6 +145,7 @@ class SyncRun:
                 self.settings.plan_concurrency,
                 on_planned=lambda planned: self._notify(planned.chunks),
                 should_stop=self.stop.is_set,
+                max_remove_fraction=self.settings.max_remove_fraction,
             )
         finally:
             self.planning_s = time.monotonic() - clock  # set: planning is done
@@ -390,15 +394,30 @@ async def _tally(conn: Any, summary: RunSummary, run: SyncRun | None) -> RunSumm
     summary.chunks_left = await conn.fetchval(query("chunks_left"))
     summary.waiting_unlinked = [dict(r) for r in await conn.fetch(query("waiting_unlinked"))]
     summary.budgets = [dict(r) for r in await conn.fetch(query("run_budget_use"), run_id)]
-    failures = run.plan_failures if run else []
-    summary.plans_failed = len(failures)
-    if failures and summary.error is None:
-        keys = ", ".join(sorted(f.segment_key for f in failures))
-        summary.error = (
-            f"the plan of {len(failures)} segment(s) failed ({keys}); their changes stay "
-            "in the inbox for the next run (see plan_failed in the log)"
-        )
+    _plan_failures(summary, run.plan_failures if run else [])
     return summary
+
+
+def _plan_failures(summary: RunSummary, failures: list[plan.PlanFailure]) -> None:
+    """Plans that failed or were blocked fail the run (exit 1), said by segment."""
+    blocked = sorted(f.segment_key for f in failures if f.blocked)
+    failed = sorted(f.segment_key for f in failures if not f.blocked)
+    summary.plans_failed = len(failed)
+    summary.plans_blocked = len(blocked)
+    said = []
+    if failed:
+        said.append(
+            f"the plan of {len(failed)} segment(s) failed ({', '.join(failed)}); their changes "
+            "stay in the inbox for the next run (see plan_failed in the log)"
+        )
+    if blocked:
+        said.append(
+            f"the plan of {len(blocked)} segment(s) was blocked by the mass-removal guard "
+            f"({', '.join(blocked)}): nothing of it was sent (see segment_blocked in the log; "
+            "`syncd approve KEY` if the removals are meant)"
+        )
+    if said and summary.error is None:
+        summary.error = "; ".join(said)
 
 
 def _log_finished(summary: RunSummary, run: SyncRun | None, started: float) -> None:
@@ -413,6 +432,7 @@ def _log_finished(summary: RunSummary, run: SyncRun | None, started: float) -> N
         chunks_failed=summary.chunks_failed,
         chunks_left=summary.chunks_left,
         plans_failed=summary.plans_failed,
+        plans_blocked=summary.plans_blocked,
         identifiers_sent=summary.identifiers_sent,
         nb_valid=summary.nb_valid,
         nb_invalid=summary.nb_invalid,

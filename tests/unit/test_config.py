@@ -240,6 +240,9 @@ def test_windows_are_sorted_and_deduplicated() -> None:
         ("SYNCD_HTTP_HOST", "a b", "SYNCD_HTTP_HOST: 'a b' is not an IP address or host name"),
         ("SYNCD_VERIFY_AFTER_HOURS", "24", "SYNCD_VERIFY_AFTER_HOURS: 24 is out of range"),
         ("SYNCD_VERIFY_TOLERANCE", "1.5", "SYNCD_VERIFY_TOLERANCE: 1.5 is out of range"),
+        ("SYNCD_MAX_REMOVE_FRACTION", "2", "SYNCD_MAX_REMOVE_FRACTION: 2 is out of range"),
+        ("SYNCD_MAX_REMOVE_FRACTION", "half", "SYNCD_MAX_REMOVE_FRACTION: 'half'"),
+        ("SYNCD_RESYNC_MIN_HOURS", "13", "SYNCD_RESYNC_MIN_HOURS: 13 is out of range"),
     ],
 )
 def test_daemon_settings_refusals_name_the_variable(name: str, value: str, message: str) -> None:

@@ -11,14 +11,15 @@ SELECT * FROM syncd.segments WHERE segment_key = $1 FOR UPDATE;
 -- Link a new segment key.
 INSERT INTO syncd.segments
     (segment_key, api, criteo_segment_id, identifier_type, send_as, account_id, gum_caller_id,
-     app)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
+     app, mirror_relation)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9);
 
 -- name: update_segment
--- Re-point an existing link (same identifier type and send mode: planned chunks stay valid).
+-- Re-point an existing link (same identifier type and send mode: planned chunks stay valid),
+-- or turn it into a mirror link or back ($9).
 UPDATE syncd.segments
 SET api = $2, criteo_segment_id = $3, account_id = $6, gum_caller_id = $7, app = $8,
-    updated_at = now()
+    mirror_relation = $9, updated_at = now()
 WHERE segment_key = $1 AND identifier_type = $4 AND send_as = $5;
 
 -- name: list_segments

@@ -2,13 +2,16 @@
 -- Named blocks (`-- name: x`, then what it does); parameters are asyncpg's $1, $2, ...
 
 -- name: segments_to_plan
--- Linked segments that have changes visible in the inbox. One index probe per segment
--- (LIMIT 1), where EXISTS would read the whole inbox to build a hash of its keys.
+-- Linked segments a run plans: every mirror link (its source is diffed each run), and the
+-- change-log links that have changes visible in the inbox. One index probe per segment
+-- (LIMIT 1), where EXISTS would read the whole inbox to build a hash of its keys. Changes
+-- in the inbox for a mirror-linked key wait (syncd status says so).
 -- A run plans each key with its link as lock_link_for_plan reads it then, not as here.
 SELECT s.segment_key, s.api, s.criteo_segment_id, s.identifier_type, s.send_as,
-    s.account_id, s.gum_caller_id, s.app
+    s.account_id, s.gum_caller_id, s.app, s.mirror_relation, s.removals_approved
 FROM syncd.segments s
-WHERE (SELECT true FROM syncd.membership_changes m WHERE m.segment_key = s.segment_key LIMIT 1)
+WHERE s.mirror_relation IS NOT NULL
+   OR (SELECT true FROM syncd.membership_changes m WHERE m.segment_key = s.segment_key LIMIT 1)
 ORDER BY s.segment_key;
 
 -- name: lock_segment_plan
@@ -26,7 +29,7 @@ SELECT pg_advisory_unlock(hashtext('syncd.plan'), hashtext($1));
 -- plan commits, so that a link change (which takes FOR UPDATE) waits for the plan and
 -- then sees its chunks. No row: the key was unlinked since the run listed it.
 SELECT segment_key, api, criteo_segment_id, identifier_type, send_as, account_id,
-    gum_caller_id, app
+    gum_caller_id, app, mirror_relation, removals_approved
 FROM syncd.segments WHERE segment_key = $1
 FOR SHARE;
 

@@ -54,9 +54,23 @@ WHERE NOT EXISTS (SELECT 1 FROM syncd.segments s WHERE s.segment_key = m.segment
 GROUP BY m.segment_key ORDER BY m.segment_key;
 
 -- name: waiting_linked
--- Inbox rows of linked segments that the next plan will consume.
+-- Inbox rows of linked change-log segments that the next plan will consume.
 SELECT count(*) FROM syncd.membership_changes m
-WHERE EXISTS (SELECT 1 FROM syncd.segments s WHERE s.segment_key = m.segment_key);
+WHERE EXISTS (SELECT 1 FROM syncd.segments s
+              WHERE s.segment_key = m.segment_key AND s.mirror_relation IS NULL);
+
+-- name: waiting_mirrored
+-- Inbox rows of mirror-linked keys: a mirror reads its relation, not the inbox, so they wait
+-- (kept, not dropped) until the key is linked to read changes again, or deleted by the CRM.
+SELECT s.segment_key, s.mirror_relation, count(*) AS changes
+FROM syncd.membership_changes m JOIN syncd.segments s ON s.segment_key = m.segment_key
+WHERE s.mirror_relation IS NOT NULL
+GROUP BY 1, 2 ORDER BY 1;
+
+-- name: blocked_segments
+-- Segments whose latest plan the mass-removal guard held back, and whether approved.
+SELECT segment_key, blocked_at, blocked_removes, blocked_members, removals_approved
+FROM syncd.segments WHERE blocked_at IS NOT NULL ORDER BY segment_key;
 
 -- name: unsendable_chunks
 -- Open chunks no run can send (no target recorded: planned before syncd recorded each

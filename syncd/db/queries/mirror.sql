@@ -1,0 +1,139 @@
+-- Mirror links (sql/0014_mirror.sql): a segment's membership read from a CRM relation and
+-- diffed against the ledger, all in PostgreSQL; and the mass-removal guard's counts.
+-- Named blocks (`-- name: x`, then what it does); parameters are asyncpg's $1, $2, ...
+
+-- name: mirror_relation_columns
+-- What linking (and each plan) checks a mirror relation for: it exists, it is something
+-- rows can be read from, syncd may read it, and its two columns and their types. No row:
+-- no such relation. $1: the name as the user wrote it, or as stored.
+SELECT c.oid::regclass::text AS resolved, c.relkind::text AS kind,
+    has_table_privilege(c.oid, 'SELECT') AS readable,
+    (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+     WHERE a.attrelid = c.oid AND a.attname = 'segment_key' AND a.attnum > 0
+       AND NOT a.attisdropped) AS segment_key_type,
+    (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+     WHERE a.attrelid = c.oid AND a.attname = 'identifier' AND a.attnum > 0
+       AND NOT a.attisdropped) AS identifier_type
+FROM pg_class c WHERE c.oid = to_regclass($1);
+
+-- name: mirror_net_table
+-- The difference a mirror plan or a resync sends, one row per value, for chunk_net. Dropped
+-- at commit: nothing of a segment's membership outlives its plan's transaction.
+CREATE TEMPORARY TABLE mirror_net (value text COLLATE "C", is_add boolean) ON COMMIT DROP;
+
+-- name: mirror_diff
+-- The mirror's rows of the key ($2 in relation $7), normalised, validated and hashed exactly
+-- as inbox changes are (plan_segment), against what Criteo has of the target ($5 api, $6
+-- segment id): the ledger, then the target's chunks not folded into it yet (open, or
+-- acknowledged since the last fold), in plan order. Both ways by hash anti-join; the
+-- difference goes to mirror_net. $8 true (a resync after a clear): nothing is on Criteo,
+-- every member is an add. New rejected values are recorded (plan $1, run $4; identifier
+-- type $3, send_as $9). Returns the rows read, the rejected ones and the members before.
+WITH normalised AS (
+    SELECT identifier, canon, syncd.identifier_problem(canon, $3) AS reason
+    FROM (
+        -- OFFSET 0: canon stays a computed column, so the functions are inlined (plan.sql).
+        SELECT identifier, syncd.canonical_identifier(identifier, $3) AS canon
+        FROM syncd.mirror_members($7::text::regclass, $2) AS m(identifier)
+        OFFSET 0
+    ) AS source
+), rejected AS (
+    INSERT INTO syncd.rejected_identifiers
+        (run_id, plan_id, change_id, segment_key, identifier, operation, reason, changed_at)
+    SELECT DISTINCT ON (n.identifier) $4::bigint, $1::bigint, NULL::bigint, $2, n.identifier,
+        'add', n.reason, NULL::timestamptz
+    FROM normalised n
+    WHERE n.reason IS NOT NULL
+      AND $4::bigint IS NOT NULL  -- a resync (no run) leaves them to the next run's diff
+      AND NOT EXISTS (
+          SELECT 1 FROM syncd.rejected_identifiers r
+          WHERE r.segment_key = $2 AND r.change_id IS NULL
+            AND r.identifier IS NOT DISTINCT FROM n.identifier)
+    RETURNING 1
+), desired AS (
+    SELECT DISTINCT ON (packed) value, packed
+    FROM (
+        SELECT v.value, syncd.ledger_pack(v.value) AS packed
+        FROM (SELECT syncd.identifier_to_send(canon, $3, $9) AS value
+              FROM normalised WHERE reason IS NULL OFFSET 0) AS v
+    ) AS sent
+), baseline AS (
+    SELECT packed FROM syncd.target_members($5, $6) WHERE NOT $8
+), net AS (
+    INSERT INTO mirror_net (value, is_add)
+    SELECT d.value, true FROM desired d
+    WHERE NOT EXISTS (SELECT 1 FROM baseline b WHERE b.packed = d.packed)
+    UNION ALL
+    SELECT syncd.ledger_unpack(b.packed), false FROM baseline b
+    WHERE NOT EXISTS (SELECT 1 FROM desired d WHERE d.packed = b.packed)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM normalised) AS rows_read,
+    (SELECT count(*) FROM normalised WHERE reason IS NOT NULL) AS rejected,
+    (SELECT count(*) FROM baseline) AS members,
+    (SELECT count(*) FROM net) AS differences;
+
+-- name: chunk_net
+-- Cut mirror_net into chunks of at most $6 identifiers, one operation each, as plan_segment
+-- does (which writes its chunks in the statement that nets, the hot path of change logs).
+-- $1 plan, $2 key, $3 identifier type, $4 send_as, $5 app, $7 api, $8 segment id,
+-- $9 account id, $10 gum caller id.
+WITH numbered AS (
+    SELECT value, is_add,
+        (CASE WHEN is_add THEN count(*) FILTER (WHERE is_add) OVER running
+              ELSE count(*) FILTER (WHERE NOT is_add) OVER running END - 1) / $6 AS chunk_no
+    FROM mirror_net
+    WINDOW running AS (ROWS UNBOUNDED PRECEDING)
+), chunks AS (
+    INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
+                              identifier_count, api, criteo_segment_id, account_id,
+                              gum_caller_id, send_as, app)
+    SELECT $1, $2, CASE WHEN is_add THEN 'add' ELSE 'remove' END, $3,
+        convert_to(json_agg(value)::text, 'UTF8'), count(*), $7, $8, $9, $10, $4, $5
+    FROM numbered
+    GROUP BY is_add, chunk_no
+    RETURNING operation, identifier_count
+)
+SELECT coalesce(sum(identifier_count) FILTER (WHERE operation = 'add'), 0) AS adds,
+    coalesce(sum(identifier_count) FILTER (WHERE operation = 'remove'), 0) AS removes,
+    count(*) AS chunks
+FROM chunks;
+
+-- name: acknowledged_members
+-- The guard's denominator for a change-log plan: how many identifiers Criteo has
+-- acknowledged in the target ($1 api, $2 segment id), from the ledger's primary key.
+SELECT count(*) FROM syncd.ledger
+WHERE target_id = (SELECT id FROM syncd.ledger_targets
+                   WHERE api = $1 AND criteo_segment_id = $2);
+
+-- name: removals_of_members
+-- The guard's numerator for a change-log plan ($1) whose removes outnumber the share
+-- allowed: how many of them remove an acknowledged member (a remove of a value Criteo
+-- never had removes nothing). Only then: it reads the plan's remove payloads again.
+SELECT count(*)
+FROM syncd.chunks c, json_array_elements_text(convert_from(c.payload, 'UTF8')::json) AS e(v)
+WHERE c.plan_id = $1 AND c.operation = 'remove'
+  AND EXISTS (
+      SELECT 1 FROM syncd.ledger l
+      WHERE l.target_id = (SELECT id FROM syncd.ledger_targets
+                           WHERE api = c.api AND criteo_segment_id = c.criteo_segment_id)
+        AND l.identifier = syncd.ledger_pack(e.v));
+
+-- name: mark_blocked
+-- A plan the guard held back: recorded on the link (the plan itself was rolled back).
+UPDATE syncd.segments
+SET blocked_at = coalesce(blocked_at, now()), blocked_removes = $2, blocked_members = $3
+WHERE segment_key = $1;
+
+-- name: clear_block
+-- A plan of the segment committed: whatever blocked it before is over, and an approval is
+-- used up.
+UPDATE syncd.segments
+SET blocked_at = NULL, blocked_removes = NULL, blocked_members = NULL, removals_approved = false
+WHERE segment_key = $1 AND (blocked_at IS NOT NULL OR removals_approved);
+
+-- name: approve_removals
+-- `syncd approve`: the next plan of a blocked segment goes through as it is then.
+UPDATE syncd.segments SET removals_approved = true
+WHERE segment_key = $1 AND blocked_at IS NOT NULL
+RETURNING blocked_removes, blocked_members;
