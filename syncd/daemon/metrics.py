@@ -104,7 +104,13 @@ CHUNKS_PENDING = Gauge(
 )
 CHUNKS_FAILED = Gauge(
     "syncd_chunks_failed",
-    "Chunks that used up their attempts and wait for `syncd approve` or a fix.",
+    "Chunks that used up their attempts and wait for a fix (the next run retries them).",
+    registry=REGISTRY,
+)
+SEGMENTS_BLOCKED = Gauge(
+    "syncd_segments_blocked",
+    "Segments whose plan the mass-removal guard blocked: nothing of it is sent until "
+    "`syncd approve KEY` or a fixed source.",
     registry=REGISTRY,
 )
 

@@ -17,7 +17,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from syncd.daemon.metrics import CHUNKS_FAILED, CHUNKS_PENDING, READY, REGISTRY
+from syncd.daemon.metrics import (
+    CHUNKS_FAILED,
+    CHUNKS_PENDING,
+    READY,
+    REGISTRY,
+    SEGMENTS_BLOCKED,
+)
 from syncd.db import query
 from syncd.db.migrations import pending_migrations
 
@@ -40,6 +46,7 @@ class _Probe:
     not_ready: str | None
     pending: int | None = None
     failed: int | None = None
+    blocked: int | None = None
 
 
 async def _probe(pool: Any) -> _Probe:
@@ -54,7 +61,7 @@ async def _probe(pool: Any) -> _Probe:
     except Exception as exc:  # a probe answers, whatever the failure
         # The type only: a driver's message may quote the host or the user.
         return _Probe(f"database unreachable ({type(exc).__name__})")
-    return _Probe(None, row["pending"], row["failed"])
+    return _Probe(None, row["pending"], row["failed"], row["blocked"])
 
 
 def _refresh(probe: _Probe) -> None:
@@ -64,6 +71,8 @@ def _refresh(probe: _Probe) -> None:
         CHUNKS_PENDING.set(probe.pending)
     if probe.failed is not None:
         CHUNKS_FAILED.set(probe.failed)
+    if probe.blocked is not None:
+        SEGMENTS_BLOCKED.set(probe.blocked)
 
 
 async def _healthz(request: web.Request) -> web.Response:

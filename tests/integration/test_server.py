@@ -164,6 +164,10 @@ async def test_metrics_after_a_real_sync(
         "THEN 'failed' ELSE 'pending' END "
         "WHERE id IN (SELECT id FROM syncd.chunks ORDER BY id LIMIT 2)"
     )
+    await conn.execute(  # as the mass-removal guard records a block
+        "UPDATE syncd.segments SET blocked_at = now(), blocked_removes = 9, blocked_members = 10 "
+        "WHERE segment_key = 's0'"
+    )
     async with serving(pool) as base:
         status, content_type, text = await get(f"{base}/metrics")
     assert status == 200 and content_type.startswith("text/plain")
@@ -182,6 +186,7 @@ async def test_metrics_after_a_real_sync(
     assert got[("syncd_api_sunset_timestamp_seconds", (("version", "2026-01"),))] == 1801008000
     assert got[("syncd_chunks_pending", ())] == 1
     assert got[("syncd_chunks_failed", ())] == 1
+    assert got[("syncd_segments_blocked", ())] == 1
     assert got[("syncd_ready", ())] == 1
     # What labels carry: names an operator chose, never an identifier, a URL or a secret.
     values = {v for (_, labels) in got for _, v in labels}
