@@ -40,14 +40,6 @@ def hashed(first: int, last: int) -> set[str]:
     return {sha256(f"user{n}@example.com") for n in range(first, last + 1)}
 
 
-@pytest.fixture
-async def crm(conn: Any) -> Any:
-    await conn.execute(
-        "CREATE SCHEMA crm; CREATE TABLE crm.members (segment_key text, identifier text)"
-    )
-    return conn
-
-
 async def requests_made(conn: Any) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM syncd.push_audit"))
 
