@@ -38,7 +38,7 @@ class SegmentPlan:
     adds: int
     removes: int
     chunks: int
-    mirror: bool = False  # planned from a mirror source (changes_consumed: its rows read)
+    mirror: bool = False  # diffed from a mirror source (changes_consumed: its differences)
     # The mass-removal guard's counts (None: it had nothing to assess) and verdict.
     assessment: guard.Assessment | None = None
 
@@ -142,9 +142,11 @@ async def _plan(
             found.removes,
             guard.over_limit(found.removes, found.members, max_remove_fraction),
         )
+        # A mirror's changes are the differences it found, not the rows it read: a sync
+        # with nothing changed says 0, as a change log with nothing waiting does.
         plan = SegmentPlan(
-            segment_key, plan_id, found.rows_read, found.rejected, found.adds, found.removes,
-            found.chunks, mirror=True, assessment=verdict,
+            segment_key, plan_id, found.adds + found.removes, found.rejected, found.adds,
+            found.removes, found.chunks, mirror=True, assessment=verdict,
         )  # fmt: skip
     else:
         plan = await _plan_change_log(conn, run_id, link, plan_id, chunk_size)

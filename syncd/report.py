@@ -150,8 +150,8 @@ def plan_table(plans: Sequence[SegmentPlan], chunk_size: int) -> str:
             for p in plans
         ],
     ) + (
-        f"\n(chunks of at most {chunk_size:,} identifiers; a mirror's changes are the rows its "
-        "source holds; nothing was sent or consumed)"
+        f"\n(chunks of at most {chunk_size:,} identifiers; a mirror's changes are the differences "
+        "between its source and Criteo; nothing was sent or consumed)"
     )
 
 

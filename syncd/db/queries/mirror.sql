@@ -28,7 +28,8 @@ CREATE TEMPORARY TABLE mirror_net (value text COLLATE "C", is_add boolean) ON CO
 -- acknowledged since the last fold), in plan order. Both ways by hash anti-join; the
 -- difference goes to mirror_net. $8 true (a resync after a clear): nothing is on Criteo,
 -- every member is an add. New rejected values are recorded (plan $1, run $4; identifier
--- type $3, send_as $9). Returns the rows read, the rejected ones and the members before.
+-- type $3, send_as $9). Returns the rows read, the rejections recorded and the members
+-- before.
 WITH normalised AS (
     SELECT identifier, canon, syncd.identifier_problem(canon, $3) AS reason
     FROM (
@@ -69,7 +70,7 @@ WITH normalised AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM normalised) AS rows_read,
-    (SELECT count(*) FROM normalised WHERE reason IS NOT NULL) AS rejected,
+    (SELECT count(*) FROM rejected) AS rejected,  -- newly: a source keeps its bad rows
     (SELECT count(*) FROM baseline) AS members,
     (SELECT count(*) FROM net) AS differences;
 
