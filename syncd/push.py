@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 import traceback
 from collections import Counter
@@ -24,7 +23,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from syncd.config import Settings
-from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amend, amendment_body
+from syncd.criteo import AmendmentBody, AmendmentResult, CriteoClient, Target, amendment_body
+from syncd.criteo.audiences import send_chunk
+from syncd.criteo.pacing import retry_wait_s
 from syncd.daemon import metrics
 from syncd.db import query
 from syncd.errors import (
@@ -89,24 +90,6 @@ class Chunk:
             payload_bytes=row["payload_bytes"],
             app=row["app"],
         )
-
-
-def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
-    """Capped exponential backoff with full jitter: uniform(0, min(cap, base * 2^(n-1)))."""
-    return random.uniform(0, _step_s(attempt, base_s, cap_s))
-
-
-def retry_wait_s(attempt: int, retry_after_s: float | None, base_s: float, cap_s: float) -> float:
-    """The wait after attempt `attempt` failed: the API's Retry-After when it gave one, but
-    never less than the backoff step (a 0, or a reset already past, must not turn the
-    attempts into one burst); without one, capped full-jitter backoff."""
-    if retry_after_s is None:
-        return backoff_s(attempt, base_s, cap_s)
-    return max(retry_after_s, _step_s(attempt, base_s, cap_s))
-
-
-def _step_s(attempt: int, base_s: float, cap_s: float) -> float:
-    return min(cap_s, base_s * 2.0 ** min(attempt - 1, 64))
 
 
 class _LeaseGone(Exception):
@@ -244,9 +227,10 @@ class Pusher:
                 return await self._finish(chunk, "deferred", p, error=error, delay_s=delay_s)
             p.attempts += 1
             try:
-                result = await amend(
+                result = await send_chunk(  # a clear, or an add/remove with its body
                     client,
                     chunk.target,
+                    chunk.operation,
                     body,
                     f"syncd-chunk-{chunk.id}",
                     before_send=lambda: self._before_send(chunk),

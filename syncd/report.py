@@ -55,9 +55,7 @@ def run_summary(summary: RunSummary) -> str:
                         s["operation"],
                         s["chunks_acknowledged"],
                         s["chunks_failed"],
-                        s["sent"],
-                        s["valid"],
-                        s["invalid"],
+                        *_sent_and_counts(s),
                         s["error_codes"],
                     ]
                     for s in summary.segments
@@ -91,6 +89,14 @@ def run_summary(summary: RunSummary) -> str:
     if summary.error:
         parts.append(f"error: {summary.error}")
     return "\n".join(parts)
+
+
+def _sent_and_counts(segment: Any) -> list[Any]:
+    """Identifiers sent, valid, invalid; a clear sends none and Criteo answers it with no
+    counts: '-' ("not said"), not zeros that read as "Criteo took none"."""
+    if segment["operation"] == "clear":
+        return [None, None, None]
+    return [segment["sent"], segment["valid"], segment["invalid"]]
 
 
 def _recent_runs(recent: Sequence[Any]) -> str:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from syncd.criteo.audiences import (
+    CLEAR,
     AmendmentBody,
     AmendmentResult,
     Target,
     amend,
     amendment_body,
+    clear_list,
     parse_amendment,
+    send_chunk,
 )
 from syncd.criteo.client import Answer, CriteoClient, retry_after_s
 
 __all__ = [
+    "CLEAR",
     "AmendmentBody",
     "AmendmentResult",
     "Answer",
@@ -20,6 +24,8 @@ __all__ = [
     "Target",
     "amend",
     "amendment_body",
+    "clear_list",
     "parse_amendment",
     "retry_after_s",
+    "send_chunk",
 ]

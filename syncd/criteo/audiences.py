@@ -1,4 +1,5 @@
-"""Contact-list amendments: where an add/remove request goes, its streamed body, its answer."""
+"""Contact-list amendments: where an add/remove request goes, its streamed body, its
+answer; and the clear call that empties a list (the segment stays)."""
 
 from __future__ import annotations
 
@@ -213,3 +214,63 @@ async def amend(
             "Criteo's answer could not be read", status=answer.status, code="unreadable"
         )
     return parse_amendment(answer.status, answer.payload)
+
+
+# A chunk's operation that empties the list instead of amending it (sql/0015_clear_chunks.sql).
+CLEAR = "clear"
+
+
+def clear_path(target: Target) -> str:
+    if target.api == MARKETING_SOLUTIONS:
+        return f"marketing-solutions/audience-segments/{target.segment_id}/contact-list"
+    return f"retail-media/audience-segments/{target.segment_id}/contact-list/clear"
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    yield b""
+
+
+async def clear_list(
+    client: CriteoClient,
+    target: Target,
+    idempotency_key: str,
+    before_send: BeforeSend | None = None,
+) -> AmendmentResult:
+    """Remove every identifier from the target's list: Retail Media POST .../clear (204 in
+    the spec, 201 in the docs, 200 with a body in older docs), Marketing Solutions DELETE
+    .../contact-list (200 with the segment). Any 2xx is success; one carrying errors (or
+    warnings) says it was not done (`refused`). No counts: the audit keeps them NULL."""
+    method = "DELETE" if target.api == MARKETING_SOLUTIONS else "POST"
+    answer = await client.call(
+        method,
+        clear_path(target),
+        _no_body,
+        0,
+        idempotency_key=idempotency_key,
+        before_send=before_send,
+    )
+    payload = answer.payload if isinstance(answer.payload, dict) else {}
+    code, detail = error_code(payload)
+    return AmendmentResult(
+        http_status=answer.status,
+        nb_valid=None,
+        nb_invalid=None,
+        warnings=_items(payload.get("warnings")),
+        errors=_items(payload.get("errors")),
+        error_code=code,
+        error_detail=detail,
+    )
+
+
+async def send_chunk(
+    client: CriteoClient,
+    target: Target,
+    operation: str,
+    body: AmendmentBody,
+    idempotency_key: str,
+    before_send: BeforeSend | None = None,
+) -> AmendmentResult:
+    """Send one chunk's request: a clear, or an add/remove with `body` (a clear has none)."""
+    if operation == CLEAR:
+        return await clear_list(client, target, idempotency_key, before_send)
+    return await amend(client, target, body, idempotency_key, before_send)

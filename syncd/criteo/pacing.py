@@ -1,4 +1,5 @@
-"""Pacing to Criteo's per-app budget, and the cool-down every sender shares after a 429.
+"""Pacing to Criteo's per-app budget, the cool-down every sender shares after a 429, and
+the backoff between a chunk's attempts.
 
 Both belong to one Criteo app (its credentials, its budget), so the client of that app
 holds them for the life of the process: a second run starts where the first left off,
@@ -17,6 +18,7 @@ When an answer says nothing is left, calls wait until the reset it names.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -189,3 +191,24 @@ def _whole(raw: str | None) -> int | None:
     except ValueError:
         return None
     return int(value) if math.isfinite(value) else None
+
+
+# --- retrying: how long a sender waits before its next attempt (push.py) ------------
+
+
+def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
+    """Capped exponential backoff with full jitter: uniform(0, min(cap, base * 2^(n-1)))."""
+    return random.uniform(0, _step_s(attempt, base_s, cap_s))
+
+
+def retry_wait_s(attempt: int, retry_after_s: float | None, base_s: float, cap_s: float) -> float:
+    """The wait after attempt `attempt` failed: the API's Retry-After when it gave one, but
+    never less than the backoff step (a 0, or a reset already past, must not turn the
+    attempts into one burst); without one, capped full-jitter backoff."""
+    if retry_after_s is None:
+        return backoff_s(attempt, base_s, cap_s)
+    return max(retry_after_s, _step_s(attempt, base_s, cap_s))
+
+
+def _step_s(attempt: int, base_s: float, cap_s: float) -> float:
+    return min(cap_s, base_s * 2.0 ** min(attempt - 1, 64))

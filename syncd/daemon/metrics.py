@@ -40,7 +40,7 @@ CHUNKS_PUSHED = Counter(
 )
 IDENTIFIERS_SENT = Counter(
     "syncd_identifiers_sent",
-    "Identifiers in acknowledged add/remove requests, by segment key and operation.",
+    "Identifiers in acknowledged requests, by segment key and operation (a clear adds 0).",
     ["segment", "operation"],
     registry=REGISTRY,
 )

@@ -150,15 +150,39 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
 # --- clear and statistics ----------------------------------------------------------------
 
 
-async def _clear(request: web.Request, api: str) -> web.Response:
+async def _clear(request: web.Request, api: str) -> web.StreamResponse:
+    """Empty a segment's list; latency and faults (scripted or random) as for an
+    amendment, and a line in the request log."""
     state = request.app[SANDBOX_STATE]
-    await asyncio.sleep(state.faults.latency_s())
-    segment = _segment(state, request, api)
-    if segment is None:
-        return segment_not_found(request.match_info["segment_id"])
-    segment.members.clear()
-    segment.counted = 0
-    return cleared_answer(segment)
+    entry: dict[str, Any] = {
+        "segment_id": request.match_info["segment_id"],
+        "method": request.method,
+        "operation": "clear",
+        "identifier_type": None,
+        "count": 0,
+        "status": 0,  # 0: the connection was dropped without an answer
+        "applied": False,
+        "fault": None,
+        "idempotency_key": request.headers.get("Idempotency-Key"),
+        "client_id": state.client_of(request.headers.get("Authorization")),
+        "at": time.time(),
+    }
+
+    def answer() -> web.Response:
+        segment = _segment(state, request, api)
+        if segment is None:
+            return segment_not_found(entry["segment_id"])
+        segment.members.clear()
+        segment.counted = 0
+        entry["applied"] = True
+        return cleared_answer(segment)
+
+    try:
+        response = await with_faults(request, state.faults, entry, answer)
+        entry["status"] = 0 if isinstance(response, DroppedResponse) else response.status
+        return response
+    finally:
+        state.log.append(entry)
 
 
 async def _statistics(request: web.Request, api: str) -> web.Response:

@@ -424,14 +424,14 @@ async def test_an_unexpected_error_finishes_its_chunk_and_spares_the_others(
     """A bug met while pushing one chunk fails that chunk, with the reason; the run's
     other requests go on."""
     await setup_segments(conn, sandbox, count=3, per_segment=5)
-    real_amend = push_module.amend
+    real_send = push_module.send_chunk
 
-    async def amend(client: Any, target: Target, *args: Any, **kw: Any) -> Any:
+    async def send_chunk(client: Any, target: Target, *args: Any, **kw: Any) -> Any:
         if target.segment_id == "1001":
             raise ZeroDivisionError("a bug")
-        return await real_amend(client, target, *args, **kw)
+        return await real_send(client, target, *args, **kw)
 
-    monkeypatch.setattr(push_module, "amend", amend)
+    monkeypatch.setattr(push_module, "send_chunk", send_chunk)
     summary = await sync_once(with_env(env, SYNCD_CONCURRENCY="3"))
     assert (summary.exit_code, summary.chunks_acknowledged, summary.chunks_failed) == (1, 2, 1)
     failed = await conn.fetchrow("SELECT * FROM syncd.push_audit WHERE outcome = 'failed'")

@@ -360,6 +360,33 @@ async def test_clear_both_apis(api: Api) -> None:
     assert await api.members(ms) == []
 
 
+async def test_a_clear_meets_scripted_faults_like_an_amendment_and_is_logged(api: Api) -> None:
+    """A clear can be made to fail (a status, a dropped connection) as an amendment can, and
+    each clear is in the request log: what the clear-chunk tests of syncd steer and read."""
+    rm = await api.segment()
+    ms = await api.segment("marketing-solutions", "email")
+    await api.rm_amend(rm, [user_hash(1)])
+    await api.ms_amend(ms, [user_hash(1)])
+    rm_clear = ("POST", f"/{V}/retail-media/audience-segments/{rm}/contact-list/clear")
+    ms_clear = ("DELETE", f"/{V}/marketing-solutions/audience-segments/{ms}/contact-list")
+    await api.control("POST", "faults", {"script": [{"status": 503}, {"drop": "after"}]})
+    # (aiohttp re-sends an idempotent DELETE on its own after a drop: the POST is dropped)
+    assert (await api.call(*ms_clear))[0] == 503
+    assert await api.members(ms) == [user_hash(1)]
+    with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        await api.call(*rm_clear, headers={"Idempotency-Key": "c-1"})
+    assert await api.members(rm) == []  # dropped after it was applied
+    assert (await api.call(*ms_clear))[0] == 200
+    log = (await api.control("GET", "stats"))["log"][2:]
+    assert [(e["method"], e["operation"], e["count"], e["status"], e["fault"]) for e in log] == [
+        ("DELETE", "clear", 0, 503, "status_503"),
+        ("POST", "clear", 0, 0, "drop_after"),
+        ("DELETE", "clear", 0, 200, None),
+    ]
+    assert [e["applied"] for e in log] == [False, True, True]
+    assert log[1]["segment_id"] == rm and log[1]["idempotency_key"] == "c-1"
+
+
 async def test_statistics_both_apis(api: Api) -> None:
     rm = await api.segment()
     await api.rm_amend(rm, [user_hash(n) for n in range(5)])

@@ -7,7 +7,7 @@ from multidict import CIMultiDict
 
 from syncd.criteo import parse_amendment, retry_after_s
 from syncd.criteo.client import RETRY_AFTER_CAP_S
-from syncd.push import backoff_s
+from syncd.criteo.pacing import backoff_s
 
 
 def test_both_documented_answer_shapes_are_read() -> None:
