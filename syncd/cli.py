@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import os
 import sys
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "approve", help="let the next sync push a segment's plan the removal guard blocked"
     )
     ap.add_argument("key")
+    rs = sub.add_parser(
+        "resync",
+        help="queue a rebuild of a segment's list on Criteo: a clear, then every member",
+    )
+    rs.add_argument("key")
+    rs.add_argument(
+        "--force", action="store_true", help="even close to a window, or leaving few members"
+    )
     st = sub.add_parser("status", help="recent runs, open chunks, waiting changes")
     st.add_argument("--runs", type=_count, default=5, help="how many recent runs to show")
 
@@ -328,6 +337,13 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
                 f"approved: the next sync pushes the plan of {args.key} as it is then "
                 f"(blocked, it removed {removes:,} of {members:,} acknowledged members)"
             )
+            return 0
+        if args.command == "resync":
+            from syncd import resync
+
+            now = dt.datetime.now(dt.UTC)
+            queued = await resync.queue(conn, settings, args.key, force=args.force, now=now)
+            print(resync.said(queued))
             return 0
         if args.command == "plan":
             plans = await plan.preview(conn, settings.chunk_size, settings.max_remove_fraction)

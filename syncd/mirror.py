@@ -66,19 +66,28 @@ def relation_problem(row: Any, name: str) -> str | None:
     return None
 
 
-async def diff(
-    conn: Any,
-    run_id: int | None,
-    plan_id: int,
-    link: Any,
-    chunk_size: int,
-    *,
-    rebuild: bool = False,
-) -> MirrorDiff:
+async def diff(conn: Any, run_id: int, plan_id: int, link: Any, chunk_size: int) -> MirrorDiff:
     """Plan a mirror link's difference into chunks of plan `plan_id`, in the caller's
-    transaction. `rebuild` (a resync, after its clear): every member is an add. A relation
-    that is gone or changed fails the plan by name: a missing source never counts as
-    empty, so it never removes anyone."""
+    transaction."""
+    found = await fill_net(conn, run_id, plan_id, link)
+    written = await chunk_net(conn, plan_id, link, chunk_size)
+    return MirrorDiff(
+        rows_read=found["rows_read"],
+        rejected=found["rejected"],
+        members=found["members"],
+        adds=written["adds"],
+        removes=written["removes"],
+        chunks=written["chunks"],
+    )
+
+
+async def fill_net(
+    conn: Any, run_id: int | None, plan_id: int | None, link: Any, *, rebuild: bool = False
+) -> Any:
+    """Write the link's difference into the transaction's mirror_net (chunk_net cuts it),
+    recording new rejections under the run and plan. `rebuild` (a resync, no run): every
+    member is an add. A relation that is gone or changed fails by name: a missing source
+    never counts as empty, so it never removes anyone."""
     relation = link["mirror_relation"]
     problem = relation_problem(
         await conn.fetchrow(query("mirror_relation_columns"), relation), relation
@@ -89,7 +98,7 @@ async def diff(
             "removed (restore it, or re-link the key)"
         )
     await conn.execute(query("mirror_net_table"))
-    found = await conn.fetchrow(
+    return await conn.fetchrow(
         query("mirror_diff"),
         plan_id,
         link["segment_key"],
@@ -100,15 +109,6 @@ async def diff(
         relation,
         rebuild,
         link["send_as"],
-    )
-    written = await chunk_net(conn, plan_id, link, chunk_size)
-    return MirrorDiff(
-        rows_read=found["rows_read"],
-        rejected=found["rejected"],
-        members=0 if rebuild else found["members"],
-        adds=written["adds"],
-        removes=written["removes"],
-        chunks=written["chunks"],
     )
 
 

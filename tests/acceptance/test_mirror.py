@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 from typing import Any
 
@@ -119,3 +120,45 @@ async def test_kill_9_in_the_middle_of_a_mirror_sync_then_the_list_is_exact(
         "WHERE r.id = (SELECT max(id) FROM syncd.sync_runs)"
     )
     assert sent == 0
+
+
+async def test_kill_9_in_the_middle_of_a_resync_then_the_list_is_exact(
+    env: dict[str, str], conn: Any, sandbox: RunningSandbox
+) -> None:
+    env = {**env, "SYNCD_CHUNK_SIZE": "100", "SYNCD_CONCURRENCY": "1"}
+    env |= {"SYNCD_HTTP_TIMEOUT_S": "2", "SYNCD_LEASE_S": "30"}
+    await mirror_link(env, sandbox, conn)
+    await customers(conn, 1, 1000)
+    assert (await run_cli(env, "sync")).code == 0
+    sandbox.state.segments["1000"].members.add("drifted")  # edited on Criteo's side
+
+    # A window 1 h from now whatever the time: refused, and said so; then forced.
+    soon = f"{(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)):%H:%M}"
+    refused = await run_cli({**env, "SYNCD_WINDOWS_UTC": soon}, "resync", "vip")
+    one_line_error(refused, 2, "resync of 'vip' refused: the next window is", "--force")
+    queued = await run_cli({**env, "SYNCD_WINDOWS_UTC": soon}, "resync", "vip", "--force")
+    assert queued.code == 0, queued
+    assert "a clear, then 1,000 member(s) in 10 chunk(s)" in queued.stdout
+
+    await set_latency(sandbox, 400)
+    first = await Cli.start(env, "sync")
+
+    async def cleared_and_some_added() -> bool:
+        ops = await conn.fetch(
+            "SELECT operation FROM syncd.push_audit WHERE outcome = 'acknowledged' "
+            "AND run_id = (SELECT max(run_id) FROM syncd.push_audit)"
+        )
+        done = [r["operation"] for r in ops]
+        return "clear" in done and done.count("add") >= 2
+
+    await wait_until(cleared_and_some_added, 30, "the clear and two adds acknowledged")
+    first.signal(signal.SIGKILL)
+    assert (await first.finish(10)).code == -signal.SIGKILL
+    assert 0 < len(members(sandbox, "1000")) < 1000  # the list is half rebuilt
+
+    await set_latency(sandbox, 0)
+    second = await run_cli(env, "sync")
+    assert second.code == 0, second
+    assert members(sandbox, "1000") == hashed(1, 1000)
+    clears = await conn.fetchval("SELECT count(*) FROM syncd.push_audit WHERE operation = 'clear'")
+    assert clears == 1  # never cleared again after the crash

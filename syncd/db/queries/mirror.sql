@@ -74,6 +74,17 @@ SELECT (SELECT count(*) FROM normalised) AS rows_read,
     (SELECT count(*) FROM baseline) AS members,
     (SELECT count(*) FROM net) AS differences;
 
+-- name: rebuild_from_ledger
+-- A change-log link's resync: every member Criteo has of the target ($1 api, $2 segment
+-- id), as adds (the clear before them empties the list).
+INSERT INTO mirror_net (value, is_add)
+SELECT syncd.ledger_unpack(packed), true FROM syncd.target_members($1, $2);
+
+-- name: target_size
+-- How many members Criteo has of a target ($1 api, $2 segment id) as syncd knows it: the
+-- ledger with the chunks still on their way (what a resync would rebuild).
+SELECT count(*) FROM syncd.target_members($1, $2);
+
 -- name: chunk_net
 -- Cut mirror_net into chunks of at most $6 identifiers, one operation each, as plan_segment
 -- does (which writes its chunks in the statement that nets, the hot path of change logs).
