@@ -110,6 +110,37 @@ async def test_a_clear_refused_with_a_5xx_is_retried_then_acknowledged(
     assert metrics.REGISTRY.get_sample_value("syncd_identifiers_sent_total", series) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("api", "answer", "outcome", "code"),
+    [
+        ("retail-media", {"status": 201, "body": ""}, "acknowledged", None),  # the docs
+        ("retail-media", {"status": 200, "body": '{"data": {"id": "1000"}}'}, "acknowledged", None),
+        (
+            "marketing-solutions",
+            {"status": 200, "body": '{"data": [], "errors": [{"code": "segment-not-found"}]}'},
+            "failed",
+            "segment-not-found",
+        ),
+    ],
+)
+async def test_any_2xx_clears_unless_it_carries_errors(
+    conn: Any,
+    sandbox: RunningSandbox,
+    env: dict[str, str],
+    api: str,
+    answer: dict[str, Any],
+    outcome: str,
+    code: str | None,
+) -> None:
+    await setup_segments(conn, sandbox, count=1, per_segment=0, api=api)
+    await clear_plan(conn, None)
+    await control(sandbox, "POST", "faults", {"script": [answer]})
+    await sync_once(with_env(env))
+    audit = await conn.fetchrow("SELECT * FROM syncd.push_audit WHERE operation = 'clear'")
+    assert (audit["outcome"], audit["error_code"]) == (outcome, code)
+    assert audit["http_status"] == answer["status"]
+
+
 async def test_a_clear_refused_for_good_fails_and_holds_back_the_next_plan(
     conn: Any, sandbox: RunningSandbox, env: dict[str, str]
 ) -> None:
