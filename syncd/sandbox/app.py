@@ -95,12 +95,12 @@ async def token(request: web.Request) -> web.Response:
 # --- contact-list amendments -----------------------------------------------------------
 
 
-async def _amend(request: web.Request, api: str) -> web.StreamResponse:
-    state = request.app[SANDBOX_STATE]
-    entry: dict[str, Any] = {
+def _log_entry(request: web.Request, state: SandboxState, operation: str | None) -> dict[str, Any]:
+    """A request-log line for an amendment or a clear, filled in as the request goes."""
+    return {
         "segment_id": request.match_info["segment_id"],
         "method": request.method,
-        "operation": None,
+        "operation": operation,
         "identifier_type": None,
         "count": 0,
         "status": 0,  # 0: the connection was dropped without an answer
@@ -110,6 +110,11 @@ async def _amend(request: web.Request, api: str) -> web.StreamResponse:
         "client_id": state.client_of(request.headers.get("Authorization")),
         "at": time.time(),
     }
+
+
+async def _amend(request: web.Request, api: str) -> web.StreamResponse:
+    state = request.app[SANDBOX_STATE]
+    entry = _log_entry(request, state, None)
     try:
         cut = cut_upload(request, state.faults, entry)
         if cut is not None:
@@ -154,19 +159,7 @@ async def _clear(request: web.Request, api: str) -> web.StreamResponse:
     """Empty a segment's list; latency and faults (scripted or random) as for an
     amendment, and a line in the request log."""
     state = request.app[SANDBOX_STATE]
-    entry: dict[str, Any] = {
-        "segment_id": request.match_info["segment_id"],
-        "method": request.method,
-        "operation": "clear",
-        "identifier_type": None,
-        "count": 0,
-        "status": 0,  # 0: the connection was dropped without an answer
-        "applied": False,
-        "fault": None,
-        "idempotency_key": request.headers.get("Idempotency-Key"),
-        "client_id": state.client_of(request.headers.get("Authorization")),
-        "at": time.time(),
-    }
+    entry = _log_entry(request, state, "clear")
 
     def answer() -> web.Response:
         segment = _segment(state, request, api)

@@ -32,6 +32,17 @@ def hashed(first: int, last: int) -> set[str]:
     return {sha256(f"c{n}@example.com") for n in range(first, last + 1)}
 
 
+def killable(env: dict[str, str]) -> dict[str, str]:
+    """Chunks of 100 sent one at a time; a 2 s HTTP timeout frees a killed run's claims
+    5 s after its last heartbeat."""
+    return env | {
+        "SYNCD_CHUNK_SIZE": "100",
+        "SYNCD_CONCURRENCY": "1",
+        "SYNCD_HTTP_TIMEOUT_S": "2",
+        "SYNCD_LEASE_S": "30",
+    }
+
+
 async def mirror_link(env: dict[str, str], sandbox: RunningSandbox, conn: Any) -> None:
     await conn.execute(SOURCE)
     await control(
@@ -88,8 +99,7 @@ async def test_a_mirror_through_the_cli_with_the_guard_and_approval(
 async def test_kill_9_in_the_middle_of_a_mirror_sync_then_the_list_is_exact(
     env: dict[str, str], conn: Any, sandbox: RunningSandbox
 ) -> None:
-    env = {**env, "SYNCD_CHUNK_SIZE": "100", "SYNCD_CONCURRENCY": "1"}
-    env |= {"SYNCD_HTTP_TIMEOUT_S": "2", "SYNCD_LEASE_S": "30"}
+    env = killable(env)
     await mirror_link(env, sandbox, conn)
     await customers(conn, 1, 1000)
     await set_latency(sandbox, 400)
@@ -125,8 +135,7 @@ async def test_kill_9_in_the_middle_of_a_mirror_sync_then_the_list_is_exact(
 async def test_kill_9_in_the_middle_of_a_resync_then_the_list_is_exact(
     env: dict[str, str], conn: Any, sandbox: RunningSandbox
 ) -> None:
-    env = {**env, "SYNCD_CHUNK_SIZE": "100", "SYNCD_CONCURRENCY": "1"}
-    env |= {"SYNCD_HTTP_TIMEOUT_S": "2", "SYNCD_LEASE_S": "30"}
+    env = killable(env)
     await mirror_link(env, sandbox, conn)
     await customers(conn, 1, 1000)
     assert (await run_cli(env, "sync")).code == 0

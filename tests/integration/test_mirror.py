@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from syncd import guard, links, mirror, plan
+from syncd.config import Settings
 from syncd.errors import SyncdError, UsageError
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
@@ -34,6 +35,15 @@ async def source(conn: Any, key: str, first: int, last: int) -> None:
         first,
         last,
     )
+
+
+async def mirror_synced(
+    conn: Any, sandbox: RunningSandbox, settings: Settings, first: int, last: int
+) -> None:
+    """Segment 1000 mirrors key vip of crm.members, which holds user<first..last>, synced."""
+    await mirror_of(conn, sandbox, "vip", "1000")
+    await source(conn, "vip", first, last)
+    assert (await sync_once(settings)).exit_code == 0
 
 
 def hashed(first: int, last: int) -> set[str]:
@@ -82,9 +92,7 @@ async def test_a_truncated_source_is_blocked_until_approved(
 ) -> None:
     conn = crm
     settings = with_env(env)
-    await mirror_of(conn, sandbox, "vip", "1000")
-    await source(conn, "vip", 1, 100)
-    assert (await sync_once(settings)).exit_code == 0
+    await mirror_synced(conn, sandbox, settings, 1, 100)
     sent = await requests_made(conn)
 
     await conn.execute("TRUNCATE crm.members")
@@ -115,9 +123,7 @@ async def test_a_source_filled_again_needs_no_approval(
 ) -> None:
     conn = crm
     settings = with_env(env)
-    await mirror_of(conn, sandbox, "vip", "1000")
-    await source(conn, "vip", 1, 100)
-    assert (await sync_once(settings)).exit_code == 0
+    await mirror_synced(conn, sandbox, settings, 1, 100)
     await source(conn, "vip", 1, 40)  # 60 % gone: a broken view, say
     assert (await sync_once(settings)).exit_code == 1
     await source(conn, "vip", 1, 90)  # fixed: 10 % gone is within the guard
@@ -131,9 +137,7 @@ async def test_the_guard_is_off_at_fraction_1(
 ) -> None:
     conn = crm
     settings = with_env(env, SYNCD_MAX_REMOVE_FRACTION="1")
-    await mirror_of(conn, sandbox, "vip", "1000")
-    await source(conn, "vip", 1, 10)
-    assert (await sync_once(settings)).exit_code == 0
+    await mirror_synced(conn, sandbox, settings, 1, 10)
     await conn.execute("TRUNCATE crm.members")
     assert (await sync_once(settings)).exit_code == 0
     assert members(sandbox, "1000") == set()

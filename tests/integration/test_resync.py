@@ -14,7 +14,7 @@ from syncd.errors import UsageError
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
 from tests.helpers import insert_generated_changes, members, sha256
-from tests.integration.test_mirror import hashed, mirror_of, source
+from tests.integration.test_mirror import hashed, mirror_synced
 from tests.integration.test_push import with_env
 
 # 06:00 UTC with windows at 00:00 and 12:00: the next window is 6 h away.
@@ -36,9 +36,7 @@ async def test_a_mirror_resync_clears_then_re_adds_its_source(
 ) -> None:
     conn = crm
     settings = with_env(env, SYNCD_CHUNK_SIZE="100")
-    await mirror_of(conn, sandbox, "vip", "1000")
-    await source(conn, "vip", 1, 250)
-    assert (await sync_once(settings)).exit_code == 0
+    await mirror_synced(conn, sandbox, settings, 1, 250)
     # The list drifted on Criteo's side (someone edited it in the UI, say).
     sandbox.state.segments["1000"].members.update({"stranger", sha256("x@example.com")})
     sandbox.state.segments["1000"].members.discard(sha256("user7@example.com"))
@@ -80,9 +78,7 @@ async def test_a_resync_is_refused_close_to_a_window_unless_forced(
 ) -> None:
     conn = crm
     settings = with_env(env, SYNCD_WINDOWS_UTC="08:00,20:00")  # 2 h after MORNING
-    await mirror_of(conn, sandbox, "vip", "1000")
-    await source(conn, "vip", 1, 10)
-    assert (await sync_once(settings)).exit_code == 0
+    await mirror_synced(conn, sandbox, settings, 1, 10)
     with pytest.raises(UsageError, match=r"next window is 08:00 UTC, 2\.0 h away"):
         await resync.queue(conn, settings, "vip", now=MORNING)
     assert await conn.fetchval("SELECT count(*) FROM syncd.chunks WHERE state <> 'done'") == 0
@@ -97,9 +93,7 @@ async def test_a_resync_that_would_leave_few_members_is_refused(
 ) -> None:
     conn = crm
     settings = with_env(env)
-    await mirror_of(conn, sandbox, "vip", "1000")
-    await source(conn, "vip", 1, 10)
-    assert (await sync_once(settings)).exit_code == 0
+    await mirror_synced(conn, sandbox, settings, 1, 10)
     await conn.execute("TRUNCATE crm.members")
     with pytest.raises(UsageError, match="it would leave 0 of the 10 members"):
         await resync.queue(conn, settings, "vip", now=MORNING)
