@@ -37,6 +37,8 @@ class SegmentPlan:
     adds: int
     removes: int
     chunks: int
+    # Net adds not sent: the identifier is suppressed (syncd.suppressions).
+    suppressed: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ async def _plan(conn: Any, run_id: int, link: Any, chunk_size: int) -> SegmentPl
         adds=row["adds"],
         removes=row["removes"],
         chunks=row["chunks"],
+        suppressed=row["suppressed"],
     )
     await conn.execute(
         query("record_plan"),
@@ -124,6 +127,7 @@ async def _plan(conn: Any, run_id: int, link: Any, chunk_size: int) -> SegmentPl
         plan.adds,
         plan.removes,
         plan.chunks,
+        plan.suppressed,
     )
     return plan
 
@@ -192,6 +196,7 @@ async def plan_all(
                 adds=plan.adds,
                 removes=plan.removes,
                 rejected=plan.rejected,
+                suppressed=plan.suppressed,
                 chunks=plan.chunks,
             )
             await on_planned(plan)

@@ -84,6 +84,7 @@ def run_summary(summary: RunSummary) -> str:
         window = "did not make the window"  # work left, whatever the clock says
     parts.append(
         f"changes {summary.changes_consumed:,} · rejected {summary.identifiers_rejected:,} · "
+        f"suppressed {summary.identifiers_suppressed:,} · "
         f"chunks planned {summary.chunks_planned:,} · acknowledged "
         f"{summary.chunks_acknowledged:,} · failed {summary.chunks_failed:,} · left "
         f"{summary.chunks_left:,} · requests {summary.requests:,} · {window}".rstrip(" ·")
@@ -95,7 +96,18 @@ def run_summary(summary: RunSummary) -> str:
 
 def _recent_runs(recent: Sequence[Any]) -> str:
     return table(
-        ["run", "status", "started", "changes", "rejected", "ok", "failed", "left", "window"],
+        [
+            "run",
+            "status",
+            "started",
+            "changes",
+            "rejected",
+            "suppressed",
+            "ok",
+            "failed",
+            "left",
+            "window",
+        ],
         [
             [
                 r["id"],
@@ -103,6 +115,7 @@ def _recent_runs(recent: Sequence[Any]) -> str:
                 r["started_at"],
                 r["changes_consumed"],
                 r["identifiers_rejected"],
+                r["identifiers_suppressed"],
                 r["chunks_acknowledged"],
                 r["chunks_failed"],
                 r["chunks_left"],
@@ -135,9 +148,17 @@ def plan_table(plans: Sequence[SegmentPlan], chunk_size: int) -> str:
     if not plans:
         return "nothing to plan: no linked segment has waiting changes"
     return table(
-        ["segment", "changes", "adds", "removes", "chunks", "rejected"],
+        ["segment", "changes", "adds", "removes", "chunks", "rejected", "suppressed"],
         [
-            [p.segment_key, p.changes_consumed, p.adds, p.removes, p.chunks, p.rejected]
+            [
+                p.segment_key,
+                p.changes_consumed,
+                p.adds,
+                p.removes,
+                p.chunks,
+                p.rejected,
+                p.suppressed,
+            ]
             for p in plans
         ],
     ) + (f"\n(chunks of at most {chunk_size:,} identifiers; nothing was sent or consumed)")
@@ -218,10 +239,36 @@ def status_text(s: Status) -> str:
     )
     parts += _failed_and_unsendable(s)
     parts += _verifications(s.verifications)
+    parts += _consent(s.consent)
     if s.budgets:
         parts.append("Criteo call budgets (each app's, shared by every process):")
         parts.append(budgets_table(s.budgets))
     return "\n".join(parts + _waiting(s))
+
+
+def _consent(rows: Sequence[Any]) -> list[str]:
+    """Consent withdrawals the CRM inserted: waiting for the next run, or refused (the CRM
+    must insert those again, corrected; syncd kept no copy of their values)."""
+    parts = []
+    for r in rows:
+        if r["kind"] == "waiting":
+            parts.append(f"consent withdrawals waiting for the next run: {r['withdrawals']:,}")
+    refused = [r for r in rows if r["kind"] == "refused"]
+    if refused:
+        parts.append(
+            f"consent withdrawals REFUSED (last {MISSED_WINDOWS_DAYS} days; insert them again, "
+            "corrected; see syncd.consent_withdrawal_refusals):"
+        )
+        parts.append(
+            table(
+                ["type", "problem", "withdrawals", "oldest"],
+                [
+                    [r["identifier_type"], r["problem"], r["withdrawals"], r["oldest"]]
+                    for r in refused
+                ],
+            )
+        )
+    return parts
 
 
 def _windows(s: Status) -> list[str]:

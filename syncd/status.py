@@ -39,6 +39,8 @@ class Status:
     api_notice: Any = None
     # Each segment's latest post-window verification (Criteo's count against syncd's).
     verifications: list[Any] = field(default_factory=list)
+    # Consent withdrawals waiting for a run, and those refused lately (without values).
+    consent: list[Any] = field(default_factory=list)
 
 
 async def read(
@@ -65,6 +67,7 @@ async def read(
         budgets=list(await conn.fetch(query("budget_use"))),
         api_notice=await conn.fetchrow(query("api_notice")),
         verifications=list(await conn.fetch(query("last_verifications"))),
+        consent=list(await conn.fetch(query("consent_status"), MISSED_WINDOWS_DAYS)),
     )
 
 
