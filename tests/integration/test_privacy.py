@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from syncd import links, privacy
+from syncd import links, privacy, report, status
 from syncd.daemon.metrics import REGISTRY
 from syncd.plan import plan_segment
 from syncd.privacy_cli import remove_state
@@ -286,6 +286,10 @@ async def test_a_withdrawal_inserted_by_the_crm_is_a_forget_and_keeps_no_copy(
         "SELECT reason, source FROM syncd.suppressions WHERE hashed_identifier = $1", HASHED
     )
     assert tuple(row) == ("unsubscribed", "consent_withdrawal")
+    shown = report.status_text(await status.read(conn))
+    assert "consent withdrawals REFUSED" in shown
+    assert "unknown_identifier_type" in shown and "not_an_email" in shown
+    assert "x@example.com" not in shown and "not-an-address" not in shown
     _, rows = await privacy.erasure_report(conn, CANON, "email")
     assert {r["source"] for r in rows} == {"consent_withdrawal"}
     assert all(r["request_date"] is not None for r in rows)
