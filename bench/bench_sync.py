@@ -324,7 +324,8 @@ class Bench:
                 await links.link(conn, links.Link(key, criteo_id, "email", account_id="1"))
             # A suppression list (issue 14): keys of addresses the inbox holds, so the plan
             # both probes the list and leaves adds out.
-            await conn.execute(SUPPRESS, self.args.suppressions)
+            if self.args.suppressions:
+                await conn.execute(SUPPRESS, self.args.suppressions)
         finally:
             await conn.close()
 
