@@ -261,7 +261,8 @@ async def test_a_withdrawal_inserted_by_the_crm_is_a_forget_and_keeps_no_copy(
     await conn.execute(
         "INSERT INTO syncd.consent_withdrawals (identifier, identifier_type, reason) VALUES "
         "($1, 'email', 'unsubscribed'), ('not-an-address', 'email', NULL), "
-        "('x@example.com', 'shoe size', NULL), (NULL, 'EMAIL', NULL)",
+        "('x@example.com', 'shoe size', NULL), (NULL, 'EMAIL', NULL), "
+        "('JANE.DOE@example.com', 'email', 'twice')",
         PERSON,
     )
     await insert_changes(conn, [("rm", CANON, "add")])  # waiting: a plain copy, deleted
