@@ -67,6 +67,14 @@ SANDBOX_CODE = (
 # earlier values (so netting matters, the latest winning). Emails are mixed-case and
 # sometimes padded (normalisation matters), a few are invalid (the rejected path),
 # about 25% of the changes are removals.
+SUPPRESS = """
+INSERT INTO syncd.suppressions (identifier_type, hashed_identifier, reason, source)
+SELECT 'email', encode(sha256(convert_to('user' || (g * 997)::text || '@example.com', 'UTF8')),
+    'hex'), 'bench', 'forget'
+FROM generate_series(1, $1) AS g
+ON CONFLICT DO NOTHING
+"""
+
 INSERT_CHANGES = """
 INSERT INTO syncd.membership_changes (segment_key, identifier, operation, changed_at)
 SELECT 'bench_' || lpad((g % $2)::text, 3, '0'),
@@ -314,6 +322,10 @@ class Bench:
             await migrations.migrate(conn)
             for key, criteo_id in self.segments:
                 await links.link(conn, links.Link(key, criteo_id, "email", account_id="1"))
+            # A suppression list (issue 14): keys of addresses the inbox holds, so the plan
+            # both probes the list and leaves adds out.
+            if self.args.suppressions:
+                await conn.execute(SUPPRESS, self.args.suppressions)
         finally:
             await conn.close()
 
@@ -671,6 +683,7 @@ def run(args: argparse.Namespace) -> int:
         **version,
         "sandbox_peak_rss_mib": None if sandbox_rss is None else round(sandbox_rss, 1),
         "note": args.note,
+        "suppressions": args.suppressions,
     }
     if args.json:
         path = Path(args.json)
@@ -698,6 +711,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="info",
         choices=("info", "warning"),
         help="info (default) lets the bench time the plan and push phases from syncd's log",
+    )
+    p.add_argument(
+        "--suppressions", type=int, default=0, help="suppressed addresses (syncd.suppressions)"
     )
     p.add_argument("--note", help="free text stored with the result lines")
     p.add_argument("--_sequential-child", nargs=2, metavar=("DB_URL", "API_URL"), help="internal")

@@ -65,5 +65,5 @@ async def queue_clear(conn: Any, run_id: int | None, link: Mapping[str, Any]) ->
         link["send_as"],
         link["app"],
     )
-    await conn.execute(query("record_plan"), plan_id, 0, 0, 0, 0, 1)
+    await conn.execute(query("record_plan"), plan_id, 0, 0, 0, 0, 1, 0)
     return plan_id

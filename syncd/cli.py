@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg_sub = seg.add_subparsers(dest="segments_command", required=True, metavar="ACTION")
     _link_parsers(seg_sub)
     _segment_lifecycle_parsers(seg_sub)
+    _privacy_parsers(sub)
     _sandbox_parser(sub)
     dm = sub.add_parser("demo", help="end to end on a throwaway PostgreSQL and the sandbox")
     dm.add_argument("--changes", type=int, default=300_000, help="CRM changes to write")
@@ -101,6 +102,28 @@ def _link_parsers(seg_sub: Any) -> None:
     un = seg_sub.add_parser("unlink", help="remove a link")
     un.add_argument("key")
     un.add_argument("--force", action="store_true", help="also drop chunks not yet sent")
+
+
+def _privacy_parsers(sub: Any) -> None:
+    fo = sub.add_parser(
+        "forget",
+        help="erase an identifier: removes queued in every linked segment of its type, "
+        "suppressed, plain copies deleted",
+    )
+    fo.add_argument("identifier", help="the plain value (or - to read it from stdin)")
+    fo.add_argument("--identifier-type", default="email", help="email (default), phoneNumber, ...")
+    fo.add_argument("--reason", help="kept with the suppression (default: erasure requested)")
+    fo.add_argument(
+        "--report",
+        action="store_true",
+        help="change nothing: per segment, when Criteo acknowledged the remove, or why not yet",
+    )
+    su = sub.add_parser("suppressions", help="the identifiers no segment may add again")
+    su_sub = su.add_subparsers(dest="suppressions_command", required=True, metavar="ACTION")
+    su_sub.add_parser("list", help="list the suppressions (keys only, never plain values)")
+    rm = su_sub.add_parser("remove", help="consent given again: the identifier may be added")
+    rm.add_argument("identifier", help="the plain value (or - to read it from stdin)")
+    rm.add_argument("--identifier-type", default="email")
 
 
 def _sandbox_parser(sub: Any) -> None:
@@ -349,6 +372,10 @@ async def _with_connection(settings: Settings, args: argparse.Namespace) -> int:
             plans = await plan.preview(conn, settings.chunk_size, settings.max_remove_fraction)
             print(report.plan_table(plans, settings.chunk_size))
             return 0
+        if args.command in ("forget", "suppressions"):
+            from syncd.privacy_cli import run_privacy_command
+
+            return await run_privacy_command(conn, args, settings)
         return await _segments(conn, args, settings)
     finally:
         await conn.close()

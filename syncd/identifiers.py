@@ -51,8 +51,7 @@ def parse_type(raw: str, api: str) -> IdentifierType:
     """The identifier type a user named, if the API accepts it; UsageError otherwise."""
     if api not in APIS:
         raise UsageError(f"unknown API {api!r}; use one of {', '.join(APIS)}")
-    key = raw.strip().lower().replace("_", "").replace("-", "")
-    found = TYPES.get(_ALIASES.get(key, key))
+    found = find_type(raw)
     if found is None:
         known = ", ".join(t.name for t in TYPES.values())
         raise UsageError(f"unknown identifier type {raw!r}; use one of {known}")
@@ -62,6 +61,12 @@ def parse_type(raw: str, api: str) -> IdentifierType:
             f"the {api} API does not accept identifier type {found.name!r}; it accepts {accepted}"
         )
     return found
+
+
+def find_type(raw: str) -> IdentifierType | None:
+    """The identifier type a name stands for, whatever its case, '_' or '-' (or None)."""
+    key = raw.strip().lower().replace("_", "").replace("-", "")
+    return TYPES.get(_ALIASES.get(key, key))
 
 
 def wire_name(type_name: str, api: str) -> str:

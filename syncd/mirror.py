@@ -31,6 +31,7 @@ class MirrorDiff:
     adds: int
     removes: int
     chunks: int
+    suppressed: int  # adds left out: the identifier is suppressed (syncd.suppressions)
 
 
 async def resolve_relation(conn: Any, name: str) -> str:
@@ -78,6 +79,7 @@ async def diff(conn: Any, run_id: int, plan_id: int, link: Any, chunk_size: int)
         adds=written["adds"],
         removes=written["removes"],
         chunks=written["chunks"],
+        suppressed=written["suppressed"],
     )
 
 

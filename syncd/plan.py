@@ -38,6 +38,8 @@ class SegmentPlan:
     adds: int
     removes: int
     chunks: int
+    # Net adds not sent: the identifier is suppressed (syncd.suppressions).
+    suppressed: int = 0
     mirror: bool = False  # diffed from a mirror source (changes_consumed: its differences)
     # The mass-removal guard's counts (None: it had nothing to assess) and verdict.
     assessment: guard.Assessment | None = None
@@ -146,7 +148,7 @@ async def _plan(
         # with nothing changed says 0, as a change log with nothing waiting does.
         plan = SegmentPlan(
             segment_key, plan_id, found.adds + found.removes, found.rejected, found.adds,
-            found.removes, found.chunks, mirror=True, assessment=verdict,
+            found.removes, found.chunks, found.suppressed, mirror=True, assessment=verdict,
         )  # fmt: skip
     else:
         plan = await _plan_change_log(conn, run_id, link, plan_id, chunk_size)
@@ -162,6 +164,7 @@ async def _plan(
         plan.adds,
         plan.removes,
         plan.chunks,
+        plan.suppressed,
     )
     return plan
 
@@ -192,6 +195,7 @@ async def _plan_change_log(
         adds=row["adds"],
         removes=row["removes"],
         chunks=row["chunks"],
+        suppressed=row["suppressed"],
     )
 
 
@@ -266,6 +270,7 @@ async def plan_all(
                 adds=plan.adds,
                 removes=plan.removes,
                 rejected=plan.rejected,
+                suppressed=plan.suppressed,
                 chunks=plan.chunks,
             )
             await on_planned(plan)

@@ -82,6 +82,7 @@ def run_summary(summary: RunSummary) -> str:
         window = "did not make the window"  # work left, whatever the clock says
     parts.append(
         f"changes {summary.changes_consumed:,} · rejected {summary.identifiers_rejected:,} · "
+        f"suppressed {summary.identifiers_suppressed:,} · "
         f"chunks planned {summary.chunks_planned:,} · acknowledged "
         f"{summary.chunks_acknowledged:,} · failed {summary.chunks_failed:,} · left "
         f"{summary.chunks_left:,} · requests {summary.requests:,} · {window}".rstrip(" ·")
@@ -101,7 +102,18 @@ def _sent_and_counts(segment: Any) -> list[Any]:
 
 def _recent_runs(recent: Sequence[Any]) -> str:
     return table(
-        ["run", "status", "started", "changes", "rejected", "ok", "failed", "left", "window"],
+        [
+            "run",
+            "status",
+            "started",
+            "changes",
+            "rejected",
+            "suppressed",
+            "ok",
+            "failed",
+            "left",
+            "window",
+        ],
         [
             [
                 r["id"],
@@ -109,6 +121,7 @@ def _recent_runs(recent: Sequence[Any]) -> str:
                 r["started_at"],
                 r["changes_consumed"],
                 r["identifiers_rejected"],
+                r["identifiers_suppressed"],
                 r["chunks_acknowledged"],
                 r["chunks_failed"],
                 r["chunks_left"],
@@ -141,7 +154,17 @@ def plan_table(plans: Sequence[SegmentPlan], chunk_size: int) -> str:
     if not plans:
         return "nothing to plan: no linked segment has waiting changes, and none is a mirror"
     return table(
-        ["segment", "source", "changes", "adds", "removes", "chunks", "rejected", "guard"],
+        [
+            "segment",
+            "source",
+            "changes",
+            "adds",
+            "removes",
+            "chunks",
+            "rejected",
+            "suppressed",
+            "guard",
+        ],
         [
             [
                 p.segment_key,
@@ -151,6 +174,7 @@ def plan_table(plans: Sequence[SegmentPlan], chunk_size: int) -> str:
                 p.removes,
                 p.chunks,
                 p.rejected,
+                p.suppressed,
                 _guard_verdict(p),
             ]
             for p in plans
@@ -258,6 +282,7 @@ def status_text(s: Status) -> str:
     parts += _blocked(s.blocked)
     parts += _failed_and_unsendable(s)
     parts += _verifications(s.verifications)
+    parts += _consent(s.consent)
     if s.budgets:
         parts.append("Criteo call budgets (each app's, shared by every process):")
         parts.append(budgets_table(s.budgets))
@@ -282,6 +307,31 @@ def _blocked(blocked: Sequence[Any]) -> list[str]:
         "was sent. Fix the source, or `syncd approve KEY` if the removals are meant:",
         table(["key", "would remove", "since", "approved"], rows),
     ]
+
+
+def _consent(rows: Sequence[Any]) -> list[str]:
+    """Consent withdrawals the CRM inserted: waiting for the next run, or refused (the CRM
+    must insert those again, corrected; syncd kept no copy of their values)."""
+    parts = []
+    for r in rows:
+        if r["kind"] == "waiting":
+            parts.append(f"consent withdrawals waiting for the next run: {r['withdrawals']:,}")
+    refused = [r for r in rows if r["kind"] == "refused"]
+    if refused:
+        parts.append(
+            f"consent withdrawals REFUSED (last {MISSED_WINDOWS_DAYS} days; insert them again, "
+            "corrected; see syncd.consent_withdrawal_refusals):"
+        )
+        parts.append(
+            table(
+                ["type", "problem", "withdrawals", "oldest"],
+                [
+                    [r["identifier_type"], r["problem"], r["withdrawals"], r["oldest"]]
+                    for r in refused
+                ],
+            )
+        )
+    return parts
 
 
 def _windows(s: Status) -> list[str]:
@@ -428,36 +478,3 @@ def _waiting(s: Status) -> list[str]:
             "until the key reads changes again, or the CRM deletes them)"
         )
     return parts
-
-
-def search_table(found: Sequence[Any], linked: dict[str, str]) -> str:
-    """Segments Criteo holds; `linked` maps a segment id to the key syncd links to it."""
-    if not found:
-        return "no contact-list segments found"
-    rows = [
-        [
-            s.id,
-            s.name,
-            s.identifier_type or "any",
-            "yes" if s.read_only else "no",
-            linked.get(s.id, ""),
-        ]
-        for s in found
-    ]
-    return table(["id", "name", "identifier type", "read-only", "linked key"], rows)
-
-
-def statistics_table(readings: Sequence[Any]) -> str:
-    if not readings:
-        return "no linked segments"
-    rows = []
-    for r in readings:
-        s = r.statistics
-        if s is None:
-            said = f"failed: {r.error}" if r.error else "not supported"
-            rows.append([r.segment_key, r.api, r.criteo_segment_id, said, "", ""])
-            continue
-        rate = "" if s.match_rate is None else f"{s.match_rate:.1%}"
-        rows.append([r.segment_key, r.api, r.criteo_segment_id, s.identifiers, s.matches, rate])
-    headers = ["key", "api", "criteo id", "identifiers", "matches", "match rate"]
-    return table(headers, rows)

@@ -73,7 +73,9 @@ async def queue(
         plan_id = await conn.fetchval(query("create_plan"), None, segment_key)
         written = await mirror.chunk_net(conn, plan_id, link, settings.chunk_size)
         adds, chunks = written["adds"], written["chunks"]
-        await conn.execute(query("record_plan"), plan_id, read, 0, adds, 0, chunks)
+        await conn.execute(
+            query("record_plan"), plan_id, read, 0, adds, 0, chunks, written["suppressed"]
+        )
         if guard.over_limit(members - adds, members, settings.max_remove_fraction) and not force:
             raise UsageError(  # rolls back: nothing queued
                 f"resync of {segment_key!r} refused: it would leave {adds:,} of the "

@@ -4,6 +4,7 @@ runtime (pool and Criteo client), call syncd.segments, print one table or line."
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 from syncd import links, report, segments
@@ -36,7 +37,7 @@ async def run_segment_command(settings: Settings, args: argparse.Namespace) -> i
             print(f"deleted the segment of {args.key} on Criteo and unlinked it{extra}")
             return 0
         readings = await segments.read_statistics(conn, runtime.criteo, args.key)
-        print(report.statistics_table(readings))
+        print(statistics_table(readings))
         return 1 if any(r.error for r in readings) else 0
 
 
@@ -69,5 +70,38 @@ async def _search(conn: Any, client: Any, args: argparse.Namespace) -> int:
     linked = {
         (r["api"], r["criteo_segment_id"]): r["segment_key"] for r in await links.list_links(conn)
     }
-    print(report.search_table(found, {sid: key for (a, sid), key in linked.items() if a == api}))
+    print(search_table(found, {sid: key for (a, sid), key in linked.items() if a == api}))
     return 0
+
+
+def search_table(found: Sequence[Any], linked: dict[str, str]) -> str:
+    """Segments Criteo holds; `linked` maps a segment id to the key syncd links to it."""
+    if not found:
+        return "no contact-list segments found"
+    rows = [
+        [
+            s.id,
+            s.name,
+            s.identifier_type or "any",
+            "yes" if s.read_only else "no",
+            linked.get(s.id, ""),
+        ]
+        for s in found
+    ]
+    return report.table(["id", "name", "identifier type", "read-only", "linked key"], rows)
+
+
+def statistics_table(readings: Sequence[Any]) -> str:
+    if not readings:
+        return "no linked segments"
+    rows = []
+    for r in readings:
+        s = r.statistics
+        if s is None:
+            said = f"failed: {r.error}" if r.error else "not supported"
+            rows.append([r.segment_key, r.api, r.criteo_segment_id, said, "", ""])
+            continue
+        rate = "" if s.match_rate is None else f"{s.match_rate:.1%}"
+        rows.append([r.segment_key, r.api, r.criteo_segment_id, s.identifiers, s.matches, rate])
+    headers = ["key", "api", "criteo id", "identifiers", "matches", "match rate"]
+    return report.table(headers, rows)

@@ -42,6 +42,8 @@ class Status:
     # Segments the mass-removal guard blocked; inbox changes waiting on a mirror-linked key.
     blocked: list[Any] = field(default_factory=list)
     waiting_mirrored: list[Any] = field(default_factory=list)
+    # Consent withdrawals waiting for a run, and those refused lately (without values).
+    consent: list[Any] = field(default_factory=list)
 
 
 async def read(
@@ -70,6 +72,7 @@ async def read(
         verifications=list(await conn.fetch(query("last_verifications"))),
         blocked=list(await conn.fetch(query("blocked_segments"))),
         waiting_mirrored=list(await conn.fetch(query("waiting_mirrored"))),
+        consent=list(await conn.fetch(query("consent_status"), MISSED_WINDOWS_DAYS)),
     )
 
 

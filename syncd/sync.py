@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from syncd import ledger, plan
+from syncd import ledger, plan, privacy
 from syncd.config import Settings
 from syncd.db import query
 from syncd.db.migrations import check_schema
@@ -43,6 +43,7 @@ class RunSummary:
     status: str
     changes_consumed: int = 0
     identifiers_rejected: int = 0
+    identifiers_suppressed: int = 0  # net adds of suppressed identifiers, never sent
     chunks_planned: int = 0
     chunks_acknowledged: int = 0
     chunks_failed: int = 0
@@ -279,6 +280,10 @@ async def run_slot(
             status, error = "succeeded", None
             run: SyncRun | None = None
             try:
+                # The CRM's consent withdrawals first: each is a forget (removes queued,
+                # suppressed) before this run plans any add for that person.
+                async with runtime.pool.acquire() as conn:
+                    await privacy.process_withdrawals(conn, settings.chunk_size, run_id)
                 run = SyncRun(runtime, run_id, sleep, stop)
                 await run.execute(lock)
             except asyncio.CancelledError:
@@ -370,6 +375,7 @@ async def _finish(
         summary.nb_valid,
         summary.nb_invalid,
         summary.error,
+        summary.identifiers_suppressed,
     )
     _log_finished(summary, run, started)
     return summary
@@ -380,6 +386,7 @@ async def _tally(conn: Any, summary: RunSummary, run: SyncRun | None) -> RunSumm
     plans = run.plans if run else []
     summary.changes_consumed = sum(p.changes_consumed for p in plans)
     summary.identifiers_rejected = sum(p.rejected for p in plans)
+    summary.identifiers_suppressed = sum(p.suppressed for p in plans)
     summary.chunks_planned = sum(p.chunks for p in plans)
     run_id = summary.run_id
     summary.segments = [dict(r) for r in await conn.fetch(query("run_segment_report"), run_id)]
@@ -427,6 +434,7 @@ def _log_finished(summary: RunSummary, run: SyncRun | None, started: float) -> N
         status=summary.status,
         changes=summary.changes_consumed,
         rejected=summary.identifiers_rejected,
+        suppressed=summary.identifiers_suppressed,
         chunks_planned=summary.chunks_planned,
         chunks_acknowledged=summary.chunks_acknowledged,
         chunks_failed=summary.chunks_failed,

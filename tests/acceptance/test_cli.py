@@ -110,8 +110,8 @@ async def test_happy_path_from_an_empty_database(
         assert result.code == 0, result
         assert "run 1: succeeded" in result.stdout, result
         assert (
-            "changes 120,001 · rejected 1 · chunks planned 4 · acknowledged 4 · failed 0 · "
-            "left 0 · requests 4" in result.stdout
+            "changes 120,001 · rejected 1 · suppressed 0 · chunks planned 4 · acknowledged 4 · "
+            "failed 0 · left 0 · requests 4" in result.stdout
         ), result
 
         rows = await audit(conn)

@@ -88,13 +88,23 @@ SELECT count(*) FROM syncd.target_members($1, $2);
 -- name: chunk_net
 -- Cut mirror_net into chunks of at most $6 identifiers, one operation each, as plan_segment
 -- does (which writes its chunks in the statement that nets, the hot path of change logs).
+-- An add of a suppressed identifier (syncd.suppressions, by the key every send_as shares)
+-- is left out and counted, as plan_segment does: a mirror source or a resync that still
+-- lists a person who was forgotten never re-adds them. Removes always go.
 -- $1 plan, $2 key, $3 identifier type, $4 send_as, $5 app, $7 api, $8 segment id,
 -- $9 account id, $10 gum caller id.
-WITH numbered AS (
+WITH screened AS (
+    SELECT value, is_add,
+        is_add AND syncd.suppression_key(value, $3, $4) IN (
+            SELECT hashed_identifier FROM syncd.suppressions WHERE identifier_type = $3
+        ) AS suppressed
+    FROM mirror_net
+), numbered AS (
     SELECT value, is_add,
         (CASE WHEN is_add THEN count(*) FILTER (WHERE is_add) OVER running
               ELSE count(*) FILTER (WHERE NOT is_add) OVER running END - 1) / $6 AS chunk_no
-    FROM mirror_net
+    FROM screened
+    WHERE NOT suppressed
     WINDOW running AS (ROWS UNBOUNDED PRECEDING)
 ), chunks AS (
     INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
@@ -108,7 +118,8 @@ WITH numbered AS (
 )
 SELECT coalesce(sum(identifier_count) FILTER (WHERE operation = 'add'), 0) AS adds,
     coalesce(sum(identifier_count) FILTER (WHERE operation = 'remove'), 0) AS removes,
-    count(*) AS chunks
+    count(*) AS chunks,
+    (SELECT count(*) FROM screened WHERE suppressed) AS suppressed
 FROM chunks;
 
 -- name: acknowledged_members

@@ -48,7 +48,8 @@ INSERT INTO syncd.plans (run_id, segment_key) VALUES ($1, $2) RETURNING id;
 -- and a later plan takes it, whatever its id). Reading with SELECT and deleting with a
 -- plain DELETE costs a fifth less than one DELETE ... RETURNING feeding the rest.
 --   normalise each identifier; record the rejected ones; net per value sent, the highest
---   id winning; cut the net operations into chunks of at most $6 identifiers.
+--   id winning; leave out the adds of suppressed identifiers (counted); cut the net
+--   operations into chunks of at most $6 identifiers.
 -- Netting packs (id, operation) into one bigint, id * 2 + (1 for add), so one aggregate
 -- finds the latest operation per value.
 -- $1 plan id, $2 segment key, $3 identifier type, $4 send_as, $5 run id, $6 chunk size;
@@ -80,12 +81,22 @@ WITH normalised AS (
     FROM normalised
     WHERE reason IS NULL
     GROUP BY 1
+), screened AS (
+    -- A net add of a suppressed identifier is never sent (its change is consumed all the
+    -- same, and counted); removes always go. The list is hashed once for the statement
+    -- (a hashed subplan) and each add probes it: an empty list costs next to nothing.
+    SELECT value, is_add,
+        is_add AND syncd.suppression_key(value, $3, $4) IN (
+            SELECT hashed_identifier FROM syncd.suppressions WHERE identifier_type = $3
+        ) AS suppressed
+    FROM net
 ), numbered AS (
     -- A running count per operation, in scan order: no sort needed to number the rows.
     SELECT value, is_add,
         (CASE WHEN is_add THEN count(*) FILTER (WHERE is_add) OVER running
               ELSE count(*) FILTER (WHERE NOT is_add) OVER running END - 1) / $6 AS chunk_no
-    FROM net
+    FROM screened
+    WHERE NOT suppressed
     WINDOW running AS (ROWS UNBOUNDED PRECEDING)
 ), chunks AS (
     -- The payload is stored as the bytes sent: a UTF-8 JSON array (see push.py).
@@ -103,6 +114,7 @@ WITH normalised AS (
 SELECT
     (SELECT count(*) FROM normalised) AS changes_consumed,
     (SELECT count(*) FROM rejected) AS rejected,
+    (SELECT count(*) FROM screened WHERE suppressed) AS suppressed,
     coalesce(sum(identifier_count) FILTER (WHERE operation = 'add'), 0) AS adds,
     coalesce(sum(identifier_count) FILTER (WHERE operation = 'remove'), 0) AS removes,
     count(*) AS chunks
@@ -115,5 +127,6 @@ DELETE FROM syncd.membership_changes WHERE segment_key = $1;
 -- name: record_plan
 -- Store what a plan consumed and produced.
 UPDATE syncd.plans
-SET changes_consumed = $2, rejected = $3, adds = $4, removes = $5, chunks = $6
+SET changes_consumed = $2, rejected = $3, adds = $4, removes = $5, chunks = $6,
+    suppressed = $7
 WHERE id = $1;

@@ -99,7 +99,7 @@ SET status = $2, finished_at = now(), made_window = $2 = 'succeeded' AND now() <
     changes_consumed = $3, identifiers_rejected = $4, chunks_planned = $5,
     chunks_acknowledged = $6, chunks_failed = $7, chunks_left = $8, requests = $9,
     identifiers_sent = $10, nb_valid_identifiers = $11, nb_invalid_identifiers = $12,
-    error = $13
+    error = $13, identifiers_suppressed = $14
 WHERE id = $1
 RETURNING made_window;
 

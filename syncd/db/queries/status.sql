@@ -15,6 +15,7 @@ GROUP BY state ORDER BY state;
 SELECT r.id, r.trigger, r.status, r.started_at, r.finished_at, r.target_window, r.made_window,
     greatest(r.changes_consumed, p.changes) AS changes_consumed,
     greatest(r.identifiers_rejected, p.rejected) AS identifiers_rejected,
+    greatest(r.identifiers_suppressed, p.suppressed) AS identifiers_suppressed,
     greatest(r.chunks_planned, p.chunks) AS chunks_planned,
     greatest(r.chunks_acknowledged, a.acknowledged) AS chunks_acknowledged,
     greatest(r.chunks_failed, a.failed) AS chunks_failed,
@@ -26,6 +27,7 @@ SELECT r.id, r.trigger, r.status, r.started_at, r.finished_at, r.target_window, 
 FROM (SELECT * FROM syncd.sync_runs ORDER BY id DESC LIMIT $1) r
 CROSS JOIN LATERAL (
     SELECT coalesce(sum(changes_consumed), 0) AS changes, coalesce(sum(rejected), 0) AS rejected,
+        coalesce(sum(suppressed), 0) AS suppressed,
         coalesce(sum(chunks), 0) AS chunks
     FROM syncd.plans WHERE run_id = r.id
 ) p
