@@ -263,4 +263,3 @@ async def test_a_diff_starts_from_the_chunks_still_on_their_way_not_only_the_led
         "WHERE c.plan_id = (SELECT max(plan_id) FROM syncd.chunks) GROUP BY 1"
     )
     assert [(r["operation"], r["n"]) for r in sent] == [("remove", 5)]
-
