@@ -17,6 +17,10 @@ import asyncpg
 from syncd.db import query
 from syncd.errors import SyncdError, UsageError
 
+# The safety net of incremental diffs (sql/0017_mirror_rows.sql): a full one at least this
+# often. Under SYNCD_RETENTION_DAYS' minimum (1 day), so no plan it must see is pruned first.
+FULL_DIFF_EVERY_HOURS = 20
+
 # Relations rows can be read from: table, view, materialized view, partitioned, foreign.
 _READABLE_KINDS = {"r", "v", "m", "p", "f"}
 # Column types whose values are text as they are (varchar, char, citext compare as text).
@@ -100,6 +104,47 @@ async def fill_net(
             "removed (restore it, or re-link the key)"
         )
     await conn.execute(query("mirror_net_table"))
+    target = (link["api"], link["criteo_segment_id"])
+    if run_id is None:  # a resync: everything is an add, and the next diff is full
+        await conn.execute(query("forget_mirror_state"), link["segment_key"])
+        return await _full(conn, run_id, plan_id, link, rebuild=rebuild)
+    incremental = await conn.fetchval(
+        query("mirror_incremental"),
+        link["segment_key"],
+        *target,
+        relation,
+        link["identifier_type"],
+        FULL_DIFF_EVERY_HOURS,
+    )
+    if incremental:
+        found = await conn.fetchrow(
+            query("mirror_delta"),
+            plan_id,
+            link["segment_key"],
+            link["identifier_type"],
+            run_id,
+            relation,
+            link["send_as"],
+        )
+    else:
+        found = await _full(conn, run_id, plan_id, link, rebuild=False)
+    await conn.execute(
+        query("record_mirror_state"),
+        link["segment_key"],
+        plan_id,
+        *target,
+        relation,
+        link["identifier_type"],
+        not incremental,
+    )
+    return found
+
+
+async def _full(
+    conn: Any, run_id: int | None, plan_id: int | None, link: Any, *, rebuild: bool
+) -> Any:
+    """The whole relation against what Criteo has (the ledger and the chunks on their way),
+    both ways; the key's mirror_rows rewritten."""
     return await conn.fetchrow(
         query("mirror_diff"),
         plan_id,
@@ -108,7 +153,7 @@ async def fill_net(
         run_id,
         link["api"],
         link["criteo_segment_id"],
-        relation,
+        link["mirror_relation"],
         rebuild,
         link["send_as"],
     )

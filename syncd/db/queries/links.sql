@@ -44,5 +44,8 @@ GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5;
 DELETE FROM syncd.chunks WHERE segment_key = $1 AND state <> 'done';
 
 -- name: delete_segment
--- Remove a link.
+-- Remove a link, and a mirror link's rows as last diffed (sql/0017_mirror_rows.sql): a key
+-- linked again may send another identifier type, whose values differ.
+WITH cached AS (DELETE FROM syncd.mirror_rows WHERE segment_key = $1),
+    state AS (DELETE FROM syncd.mirror_state WHERE segment_key = $1)
 DELETE FROM syncd.segments WHERE segment_key = $1;
