@@ -17,14 +17,18 @@
 -- a link never changes): unlinking drops a key's rows. A migration that changes
 -- normalisation must empty these tables. No unique index: rows are written under the
 -- segment's plan lock, and a (segment_key, raw) key would cost a 1M first sync seconds.
-CREATE TABLE syncd.mirror_rows (
+--
+-- Both UNLOGGED: a cache needs no WAL (a first sync of 4M members wrote it in 42 s logged),
+-- and PostgreSQL empties unlogged tables together after a crash and a standby never has
+-- them, so a crash or a failover only means that the next diff is full.
+CREATE UNLOGGED TABLE syncd.mirror_rows (
     segment_key text NOT NULL,
     raw         text COLLATE "C" NOT NULL,
     packed      bytea
 );
 CREATE INDEX mirror_rows_key ON syncd.mirror_rows (segment_key);
 
-CREATE TABLE syncd.mirror_state (
+CREATE UNLOGGED TABLE syncd.mirror_state (
     segment_key       text PRIMARY KEY,
     api               text NOT NULL,
     criteo_segment_id text NOT NULL,
