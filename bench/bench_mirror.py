@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from bench_sync import (
     run_child,
     settle_backends,
     start_sandbox,
+    tear_down,
 )
 
 MIRROR_KEY, MIRROR_SEGMENT = "bench_mirror", "900100"
@@ -423,14 +423,7 @@ def run(args: argparse.Namespace) -> int:
         if args.explain and explain.exists():
             shutil.copy(explain, args.explain)
     finally:
-        sandbox.send_signal(signal.SIGTERM)
-        try:
-            sandbox.wait(10)
-        except subprocess.TimeoutExpired:
-            sandbox.kill()
-            sandbox.wait()
-        server.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        tear_down(sandbox, server, work)
     uptime_after = uptime()
     for r in results:
         r["members"] = args.members

@@ -532,6 +532,18 @@ def syncd_phases(output: str, started_wall: float) -> dict[str, Any]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def tear_down(sandbox: subprocess.Popen[bytes], server: Any, work: Path) -> None:
+    """Stop the sandbox (SIGTERM, then SIGKILL after 10 s) and PostgreSQL, drop the files."""
+    sandbox.send_signal(signal.SIGTERM)
+    try:
+        sandbox.wait(10)
+    except subprocess.TimeoutExpired:
+        sandbox.kill()
+        sandbox.wait()
+    server.cleanup()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def start_sandbox(latency_ms: float, port: int, log_path: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-c", SANDBOX_CODE, str(latency_ms), str(port)]
     return start_listening(argv, port, log_path)
@@ -663,14 +675,7 @@ def run(args: argparse.Namespace) -> int:
         results = asyncio.run(run_modes(bench, modes))
         sandbox_rss = peak_rss_of(sandbox.pid)
     finally:
-        sandbox.send_signal(signal.SIGTERM)
-        try:
-            sandbox.wait(10)
-        except subprocess.TimeoutExpired:
-            sandbox.kill()
-            sandbox.wait()
-        server.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        tear_down(sandbox, server, work)
 
     print_table(results)
     if code_version() != version:
