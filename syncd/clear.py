@@ -9,32 +9,18 @@ before it, and the adds planned after it wait for the clear. A resync writes the
 and the adds after it in ONE transaction, so a crash leaves both or neither; once
 committed, each chunk is pushed (again, after a crash) until acknowledged, in order.
 
-The caller holds the segment's plan lock (`plan_lock`) around that transaction, as
-`plan.plan_segment` does around each plan: it is a SESSION advisory lock, taken before the
-transaction begins, so that plans of one segment are serialised (plan ids then order them)
-and the transaction's snapshot sees what the segment's previous plan consumed. A
-transaction-scoped lock would be taken after the snapshot in REPEATABLE READ.
+The caller holds the segment's plan lock (`plan.plan_locks`) around that transaction, as
+every writer of a segment's plans does: plans of one segment are then serialised, and
+plan ids order them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 from syncd.db import query
 from syncd.errors import SyncdError
-
-
-@asynccontextmanager
-async def plan_lock(conn: Any, segment_key: str) -> AsyncIterator[None]:
-    """Hold the segment's plan lock (the one plan_segment takes) on `conn` for the block:
-    open the transaction that queues a clear inside it, never around it."""
-    await conn.execute(query("lock_segment_plan"), segment_key)
-    try:
-        yield
-    finally:
-        await conn.execute(query("unlock_segment_plan"), segment_key)
 
 
 async def queue_clear(conn: Any, run_id: int | None, link: Mapping[str, Any]) -> int:
@@ -45,13 +31,15 @@ async def queue_clear(conn: Any, run_id: int | None, link: Mapping[str, Any]) ->
     clear names itself in its audit row.
 
     Refused unless `conn` is in a transaction and holds the segment's plan lock
-    (`plan_lock`): without them, a plan of the segment running at the same time could
+    (`plan.plan_locks`): without them, a plan of the segment running at the same time could
     take a plan id before this one and commit after it."""
     segment_key = link["segment_key"]
     if not conn.is_in_transaction():
         raise SyncdError("a clear is queued inside the caller's transaction")
     if not await conn.fetchval(query("holds_segment_plan_lock"), segment_key):
-        raise SyncdError(f"queueing a clear of {segment_key!r} needs its plan lock (plan_lock)")
+        raise SyncdError(
+            f"queueing a clear of {segment_key!r} needs its plan lock (plan.plan_locks)"
+        )
     plan_id: int = await conn.fetchval(query("create_plan"), run_id, segment_key)
     await conn.execute(
         query("insert_clear_chunk"),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -77,10 +78,7 @@ async def plan_segment(
     inbox and its chunks are in the outbox, or nothing happened. None when the key is
     no longer linked (its changes wait for a link). A plan the guard blocks is rolled
     back, recorded on the link, and returned (`blocked`)."""
-    # Serialise plans of one segment (plan ids then order its changes), before the
-    # transaction starts, so its snapshot sees what the previous plan consumed.
-    await conn.execute(query("lock_segment_plan"), segment_key)
-    try:
+    async with plan_locks(conn, segment_key):
         attempt = 1
         while True:
             try:
@@ -96,8 +94,25 @@ async def plan_segment(
                     raise
                 log.warning("plan_retried", segment_key=segment_key, attempt=attempt)
                 attempt += 1
+
+
+@asynccontextmanager
+async def plan_locks(conn: Any, *segment_keys: str) -> AsyncIterator[None]:
+    """Each segment's plan lock on `conn` for the block, in key order (two holders of
+    several never deadlock). Everything that writes plans of a segment (a plan, a forget's
+    removes, a resync) takes it, so plan ids order the segment's changes. A session lock,
+    taken before the transaction opens: the transaction's snapshot then sees what the
+    segment's previous plan consumed (a transaction-scoped lock would be taken after the
+    snapshot in REPEATABLE READ)."""
+    held: list[str] = []
+    try:
+        for key in sorted(segment_keys):
+            await conn.execute(query("lock_segment_plan"), key)
+            held.append(key)
+        yield
     finally:
-        await conn.execute(query("unlock_segment_plan"), segment_key)
+        for key in reversed(held):
+            await conn.execute(query("unlock_segment_plan"), key)
 
 
 async def _plan_and_commit(

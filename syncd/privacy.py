@@ -12,12 +12,10 @@ each sync before it plans. SQL in db/queries/privacy.sql; nothing here logs a va
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from syncd import ledger
+from syncd import ledger, plan
 from syncd.db import query
 from syncd.errors import UsageError
 from syncd.identifiers import find_type
@@ -118,7 +116,7 @@ async def forget_batch(
     await ledger.fold(conn)  # readers fold first: the ledger then says who held what
     name = batch.identifier_type
     keys = [r["segment_key"] for r in await conn.fetch(query("linked_segment_keys"), name)]
-    async with _plan_locks(conn, keys), conn.transaction():
+    async with plan.plan_locks(conn, *keys), conn.transaction():
         if taken is not None:
             batch = await taken()
         outcome = Forgotten(name, len(batch.canons))
@@ -143,21 +141,6 @@ async def forget_batch(
         unsent_adds_dropped=outcome.unsent_adds_dropped,
     )
     return outcome
-
-
-@contextlib.asynccontextmanager
-async def _plan_locks(conn: Any, keys: Sequence[str]) -> AsyncIterator[None]:
-    """Each segment's plan lock, in key order (two forgets never deadlock; a plan holds
-    one at a time), taken before the transaction like a plan takes its own."""
-    held: list[str] = []
-    try:
-        for key in keys:
-            await conn.execute(query("lock_segment_plan"), key)
-            held.append(key)
-        yield
-    finally:
-        for key in reversed(held):
-            await conn.execute(query("unlock_segment_plan"), key)
 
 
 async def _queue_removes(

@@ -20,7 +20,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from syncd import clear, guard, ledger, mirror
+from syncd import clear, guard, ledger, mirror, plan
 from syncd.config import Settings
 from syncd.daemon.schedule import next_window
 from syncd.db import query
@@ -52,7 +52,7 @@ async def queue(
             "audience from a list half rebuilt. Run it after the window, or with --force"
         )
     await ledger.fold(conn)  # the truth of a change-log link is the ledger, whole
-    async with clear.plan_lock(conn, segment_key), conn.transaction(isolation="repeatable_read"):
+    async with plan.plan_locks(conn, segment_key), conn.transaction(isolation="repeatable_read"):
         link = await conn.fetchrow(query("lock_link_for_plan"), segment_key)
         if link is None:
             raise UsageError(f"{segment_key!r} is not linked")

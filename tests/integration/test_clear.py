@@ -12,11 +12,11 @@ from structlog.testing import capture_logs
 
 from syncd import ledger as ledger_module
 from syncd import links
-from syncd.clear import plan_lock, queue_clear
+from syncd.clear import queue_clear
 from syncd.daemon import metrics
 from syncd.db import query
 from syncd.errors import SyncdError
-from syncd.plan import plan_segment
+from syncd.plan import plan_locks, plan_segment
 from syncd.sandbox import RunningSandbox
 from syncd.sync import sync_once
 from tests.helpers import control, insert_changes, sha256
@@ -26,7 +26,7 @@ from tests.integration.test_push import Pushing, pushing, setup_segments, with_e
 
 async def clear_plan(conn: Any, run_id: int | None, key: str = "s0") -> int:
     """Queue a clear of `key` as resync will: under the plan lock, in a transaction."""
-    async with plan_lock(conn, key), conn.transaction():
+    async with plan_locks(conn, key), conn.transaction():
         link = await conn.fetchrow(query("lock_link_for_plan"), key)
         return await queue_clear(conn, run_id, link)
 
@@ -300,7 +300,7 @@ async def test_queueing_a_clear_needs_a_transaction_and_the_plan_lock(
     with pytest.raises(SyncdError, match="plan lock"):
         async with conn.transaction():
             await queue_clear(conn, None, link)
-    async with plan_lock(conn, "other"), conn.transaction():
+    async with plan_locks(conn, "other"), conn.transaction():
         with pytest.raises(SyncdError, match="plan lock"):
             await queue_clear(conn, None, link)
     assert await conn.fetchval("SELECT count(*) FROM syncd.plans") == 0
