@@ -277,7 +277,7 @@ async def explain_mirror_diff(bench: MirrorBench) -> str:
         await tr.start()
         try:
             await conn.execute(query("plan_work_mem"))
-            await conn.execute(query("mirror_net_table"))
+            await conn.execute(query("plan_net_table"))
             # mirror.diff's parameters: plan 0 and no run (nothing refers to them).
             params = [0, MIRROR_KEY, "email", None, link["api"], link["criteo_segment_id"]]
             params += [link["mirror_relation"], False, link["send_as"]]

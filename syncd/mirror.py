@@ -90,7 +90,7 @@ async def diff(conn: Any, run_id: int, plan_id: int, link: Any, chunk_size: int)
 async def fill_net(
     conn: Any, run_id: int | None, plan_id: int | None, link: Any, *, rebuild: bool = False
 ) -> Any:
-    """Write the link's difference into the transaction's mirror_net (chunk_net cuts it),
+    """Write the link's difference into the transaction's plan_net (chunk_net cuts it),
     recording new rejections under the run and plan. `rebuild` (a resync, no run): every
     member is an add. A relation that is gone or changed fails by name: a missing source
     never counts as empty, so it never removes anyone."""
@@ -103,7 +103,7 @@ async def fill_net(
             f"mirror source of {link['segment_key']!r}: {problem}; nothing planned, nothing "
             "removed (restore it, or re-link the key)"
         )
-    await conn.execute(query("mirror_net_table"))
+    await conn.execute(query("plan_net_table"))
     target = (link["api"], link["criteo_segment_id"])
     if run_id is None:  # a resync: everything is an add, and the next diff is full
         await conn.execute(query("forget_mirror_state"), link["segment_key"])
@@ -160,7 +160,7 @@ async def _full(
 
 
 async def chunk_net(conn: Any, plan_id: int, link: Any, chunk_size: int) -> Any:
-    """Cut the session's mirror_net into chunks of plan `plan_id` for the link's target."""
+    """Cut the session's plan_net into chunks of plan `plan_id` for the link's target."""
     return await conn.fetchrow(
         query("chunk_net"),
         plan_id,

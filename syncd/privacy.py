@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from syncd import ledger, plan
+from syncd import ledger, mirror, plan
 from syncd.db import query
 from syncd.errors import UsageError
 from syncd.identifiers import find_type
@@ -157,24 +157,22 @@ async def _queue_removes(
         await conn.execute(
             query("record_erasures_without_segment"), batch.identifier_type, batch.keys, source
         )
+    await conn.execute(query("plan_net_table"))
     for link in targets:
         plan_id = await conn.fetchval(query("create_plan"), run_id, link["segment_key"])
-        row = await conn.fetchrow(
-            query("queue_erasure_removes"),
+        held = await conn.fetchval(
+            query("erasure_removes"),
             plan_id,
             link["segment_key"],
             batch.identifier_type,
             link["send_as"],
-            chunk_size,
             link["api"],
             link["criteo_segment_id"],
-            link["account_id"],
-            link["gum_caller_id"],
-            link["app"],
             batch.canons,
             batch.keys,
             source,
         )
+        row = await mirror.chunk_net(conn, plan_id, link, chunk_size)
         await conn.execute(query("record_plan"), plan_id, 0, 0, 0, row["removes"], row["chunks"], 0)
         outcome.segments.append(
             ErasedIn(
@@ -184,7 +182,7 @@ async def _queue_removes(
                 send_as=link["send_as"],
                 plan_id=plan_id,
                 removes=row["removes"],
-                held=row["held"],
+                held=held,
             )
         )
 

@@ -66,7 +66,7 @@ async def queue(
             found = await mirror.fill_net(conn, None, None, link, rebuild=True)
             read = found["rows_read"]
         else:
-            await conn.execute(query("mirror_net_table"))
+            await conn.execute(query("plan_net_table"))
             await conn.execute(query("rebuild_from_ledger"), link["api"], link["criteo_segment_id"])
             read = members
         clear_plan = await clear.queue_clear(conn, None, link)

@@ -358,3 +358,22 @@ async def test_the_crm_role_of_the_readme_can_insert_a_withdrawal(conn: Any) -> 
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_each_segment_gets_the_remove_as_its_own_link_sends_it(
+    conn: Any, sandbox: RunningSandbox
+) -> None:
+    """One forget writes the removes of several segments in one transaction: each plan's
+    chunk holds that link's value as sent, and nothing of another segment's."""
+    await three_segments(conn, sandbox)
+    await privacy.forget(conn, PERSON, "email", 50_000)
+    rows = await conn.fetch(
+        "SELECT segment_key, operation, convert_from(payload, 'UTF8')::json AS sent "
+        "FROM syncd.chunks ORDER BY segment_key"
+    )
+    got = {r["segment_key"]: (r["operation"], json.loads(r["sent"])) for r in rows}
+    assert got == {
+        "clear": ("remove", [CANON]),
+        "ms": ("remove", [HASHED]),
+        "rm": ("remove", [HASHED]),
+    }

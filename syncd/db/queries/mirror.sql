@@ -16,17 +16,20 @@ SELECT c.oid::regclass::text AS resolved, c.relkind::text AS kind,
        AND NOT a.attisdropped) AS identifier_type
 FROM pg_class c WHERE c.oid = to_regclass($1);
 
--- name: mirror_net_table
--- The difference a mirror plan or a resync sends, one row per value, for chunk_net. Dropped
--- at commit: nothing of a segment's membership outlives its plan's transaction.
-CREATE TEMPORARY TABLE mirror_net (value text COLLATE "C", is_add boolean) ON COMMIT DROP;
+-- name: plan_net_table
+-- What a plan sends, one row per value, for chunk_net to cut: a mirror diff, a resync's
+-- members, a forget's removes. Dropped at commit: nothing of a segment's membership outlives
+-- its plan's transaction. IF NOT EXISTS: a forget writes the plans of several segments in
+-- one transaction (each empties it first).
+CREATE TEMPORARY TABLE IF NOT EXISTS plan_net (value text COLLATE "C", is_add boolean)
+ON COMMIT DROP;
 
 -- name: mirror_diff
 -- The mirror's rows of the key ($2 in relation $7), normalised, validated and hashed exactly
 -- as inbox changes are (plan_segment), against what Criteo has of the target ($5 api, $6
 -- segment id): the ledger, then the target's chunks not folded into it yet (open, or
 -- acknowledged since the last fold), in plan order. Both ways by hash anti-join; the
--- difference goes to mirror_net. $8 true (a resync after a clear): nothing is on Criteo,
+-- difference goes to plan_net. $8 true (a resync after a clear): nothing is on Criteo,
 -- every member is an add. New rejected values are recorded (plan $1, run $4; identifier
 -- type $3, send_as $9). Returns the rows read, the rejections recorded and the members
 -- before.
@@ -72,7 +75,7 @@ WITH normalised AS (
 ), baseline AS (
     SELECT packed FROM syncd.target_members($5, $6) WHERE NOT $8
 ), net AS (
-    INSERT INTO mirror_net (value, is_add)
+    INSERT INTO plan_net (value, is_add)
     SELECT DISTINCT ON (d.packed) d.value, true FROM desired d
     WHERE NOT EXISTS (SELECT 1 FROM baseline b WHERE b.packed = d.packed)
     UNION ALL
@@ -131,7 +134,7 @@ DELETE FROM syncd.mirror_state WHERE segment_key = $1;
 -- since the last diff are normalised, validated and hashed (as mirror_diff does; new
 -- rejections recorded: plan $1, run $4, type $3, send_as $6); the rows gone leave the
 -- cache. A value is added when no row had it before and removed when no row has it now
--- (two spellings of one member are one member). Writes mirror_net; returns what
+-- (two spellings of one member are one member). Writes plan_net; returns what
 -- mirror_diff returns.
 WITH source AS (
     SELECT identifier AS raw, true AS present
@@ -193,7 +196,7 @@ WITH source AS (
     SELECT h.packed FROM held h
     WHERE NOT h.still AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.packed = h.packed)
 ), net AS (
-    INSERT INTO mirror_net (value, is_add)
+    INSERT INTO plan_net (value, is_add)
     SELECT syncd.ledger_unpack(packed), true FROM adds
     UNION ALL
     SELECT syncd.ledger_unpack(packed), false FROM removes
@@ -210,7 +213,7 @@ SELECT (SELECT count(*) FROM source) AS rows_read,
 -- name: rebuild_from_ledger
 -- A change-log link's resync: every member Criteo has of the target ($1 api, $2 segment
 -- id), as adds (the clear before them empties the list).
-INSERT INTO mirror_net (value, is_add)
+INSERT INTO plan_net (value, is_add)
 SELECT syncd.ledger_unpack(packed), true FROM syncd.target_members($1, $2);
 
 -- name: target_size
@@ -219,7 +222,7 @@ SELECT syncd.ledger_unpack(packed), true FROM syncd.target_members($1, $2);
 SELECT count(*) FROM syncd.target_members($1, $2);
 
 -- name: chunk_net
--- Cut mirror_net into chunks of at most $6 identifiers, one operation each, as plan_segment
+-- Cut plan_net into chunks of at most $6 identifiers, one operation each, as plan_segment
 -- does (which writes its chunks in the statement that nets, the hot path of change logs).
 -- An add of a suppressed identifier (syncd.suppressions, by the key every send_as shares)
 -- is left out and counted, as plan_segment does: a mirror source or a resync that still
@@ -231,7 +234,7 @@ WITH screened AS (
         is_add AND syncd.suppression_key(value, $3, $4) IN (
             SELECT hashed_identifier FROM syncd.suppressions WHERE identifier_type = $3
         ) AS suppressed
-    FROM mirror_net
+    FROM plan_net
 ), numbered AS (
     SELECT value, is_add,
         (CASE WHEN is_add THEN count(*) FILTER (WHERE is_add) OVER running

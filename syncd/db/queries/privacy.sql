@@ -27,40 +27,34 @@ FOR SHARE;
 -- The keys whose plan lock a forget of type $1 takes first (in this order: no deadlock).
 SELECT segment_key FROM syncd.segments WHERE identifier_type = $1 ORDER BY segment_key;
 
--- name: queue_erasure_removes
--- One segment's removes for a forget, in the plan $1 made for it: each identifier as this
--- link sends it ($4 send_as), at most $5 per chunk, with the proof rows (whether the ledger
--- held it). $2 key, $3 type, $6-$10 the target (api, Criteo id, account, gum caller, app),
--- $11 canonical identifiers, $12 their suppression keys, $13 source.
-WITH batch AS (
+-- name: erasure_removes
+-- One segment's removes for a forget, into plan_net (emptied first: one forget writes the
+-- plans of several segments in its transaction), for chunk_net to cut into the plan $1
+-- made for it: each identifier as this link sends it ($4 send_as); and the proof rows
+-- (whether the ledger held it). $2 key, $3 type, $5, $6 the target (api, Criteo id),
+-- $7 canonical identifiers, $8 their suppression keys, $9 source.
+WITH emptied AS (
+    DELETE FROM plan_net RETURNING 1
+), batch AS (
     SELECT syncd.identifier_to_send(b.canon, $3, $4) COLLATE "C" AS value, b.hashed
-    FROM unnest($11::text[], $12::text[]) AS b(canon, hashed)
+    FROM unnest($7::text[], $8::text[]) AS b(canon, hashed)
 ), target AS (
-    SELECT id FROM syncd.ledger_targets WHERE api = $6 AND criteo_segment_id = $7
+    SELECT id FROM syncd.ledger_targets WHERE api = $5 AND criteo_segment_id = $6
 ), proof AS (
     INSERT INTO syncd.erasures (identifier_type, hashed_identifier, source, plan_id,
                                 segment_key, api, criteo_segment_id, held_in_ledger)
-    SELECT $3, batch.hashed, $13, $1, $2, $6, $7, EXISTS (
+    SELECT $3, batch.hashed, $9, $1, $2, $5, $6, EXISTS (
         SELECT 1 FROM syncd.ledger l JOIN target t ON l.target_id = t.id
         WHERE l.identifier = syncd.ledger_pack(batch.value))
     FROM batch
     RETURNING held_in_ledger
-), numbered AS (
-    SELECT value, (row_number() OVER () - 1) / $5 AS chunk_no
-    FROM (SELECT DISTINCT value FROM batch) d
-), chunks AS (
-    INSERT INTO syncd.chunks (plan_id, segment_key, operation, identifier_type, payload,
-                              identifier_count, api, criteo_segment_id, account_id,
-                              gum_caller_id, send_as, app)
-    SELECT $1, $2, 'remove', $3, convert_to(json_agg(value)::text, 'UTF8'), count(*),
-        $6, $7, $8, $9, $4, $10
-    FROM numbered
-    GROUP BY chunk_no
-    RETURNING identifier_count
+), net AS (
+    INSERT INTO plan_net (value, is_add) SELECT DISTINCT value, false FROM batch
+    RETURNING 1
 )
-SELECT coalesce(sum(identifier_count), 0) AS removes, count(*) AS chunks,
-    (SELECT count(*) FROM proof WHERE held_in_ledger) AS held
-FROM chunks;
+-- (emptied runs whether read or not: a data-modifying CTE always does, on the snapshot
+-- from before the statement, so it never sees net's rows.)
+SELECT (SELECT count(*) FROM proof WHERE held_in_ledger) AS held;
 
 -- name: record_erasures_without_segment
 -- A forget while no segment of the type ($1) is linked: the proof says so.
